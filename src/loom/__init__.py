@@ -1,0 +1,1 @@
+"""Loom: a decentralized GPU cloud."""

@@ -1,0 +1,3 @@
+from loom.entry import main
+
+main()

@@ -1,0 +1,103 @@
+"""`loom worker …`: run the supplier agent on this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from loom.agent.config import AgentConfig, agent_ws_url
+from loom.agent.inventory import DeclaredProbe, GpuProbe, InventoryError, default_probe
+from loom.agent.main import Agent, AgentRefused
+from loom.core.models import validate_country, validate_region
+from loom.core.money import AmountError, parse_credits
+from loom.protocol.identity import IdentityError
+from loom.protocol.keystore import DEFAULT_KEY_NAME, KeyStore, loom_home
+
+app = typer.Typer(help="Run the supplier agent: join the network and earn.", no_args_is_help=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+@app.command("start")
+def start(
+    coordinator: Annotated[
+        str | None,
+        typer.Option(help="coordinator URL (default $LOOM_COORDINATOR or http://127.0.0.1:8700)"),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="node name (default: hostname)")] = None,
+    region: Annotated[str, typer.Option(help="region, e.g. eu-west, us-east")] = "eu-west",
+    country: Annotated[str, typer.Option(help="ISO 3166 country code, e.g. DE")] = "",
+    price: Annotated[
+        str, typer.Option(help="credits per device-hour, e.g. 0.35, or 'auto' (network median)")
+    ] = "auto",
+    inventory: Annotated[
+        Path | None, typer.Option(help="YAML list of declared devices NVML cannot see")
+    ] = None,
+    runtime: Annotated[
+        str | None, typer.Option(help="sandbox for workloads: bwrap (default), docker, process")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option(help="owner key name (default $LOOM_KEY or 'default')")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Connect this machine to the coordinator and serve work until SIGTERM."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    url = coordinator or os.environ.get("LOOM_COORDINATOR") or "http://127.0.0.1:8700"
+    node_name = name or socket.gethostname()
+    try:
+        agent_ws_url(url)
+        validate_region(region)
+        if country:
+            validate_country(country)
+        if price.strip().lower() != "auto":
+            parse_credits(price)
+    except (ValueError, AmountError) as exc:
+        raise _fail(str(exc)) from None
+    home = loom_home()
+    keys = KeyStore.for_home(home)
+    try:
+        owner = keys.load_or_create(key or os.environ.get("LOOM_KEY") or DEFAULT_KEY_NAME)
+        node_key = keys.load_or_create(f"node-{_safe(node_name)}")
+    except IdentityError as exc:
+        raise _fail(str(exc)) from None
+    probe: GpuProbe
+    try:
+        probe = DeclaredProbe.from_file(inventory) if inventory else default_probe()
+    except InventoryError as exc:
+        raise _fail(str(exc)) from None
+    config = AgentConfig(
+        coordinator=url,
+        name=node_name,
+        region=region,
+        country=country,
+        price=price,
+        work_dir=home / "agents" / _safe(node_name),
+        runtime=runtime,
+    )
+    agent = Agent(config, node_key=node_key, owner_key=owner, probe=probe)
+    try:
+        asyncio.run(_run(agent))
+    except AgentRefused as exc:
+        raise _fail(str(exc)) from None
+
+
+async def _run(agent: Agent) -> None:
+    agent.install_signal_handlers()
+    await agent.run()
+
+
+def _safe(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:48]
+    return cleaned.strip(".-") or "node"

@@ -1,0 +1,114 @@
+"""What every CLI command shares: global options, output, errors and exit codes.
+
+Exit codes: 0 success, 1 the coordinator refused or failed the request, 2 bad input on
+the command line, 3 the coordinator could not be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.markup import escape
+
+from loom.client.config import ClientConfig
+from loom.client.sdk import LoomAPIError, LoomClient, LoomConnectionError, LoomError
+from loom.protocol.identity import IdentityError
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_API = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Globals:
+    coordinator: str | None = None
+    key: str | None = None
+
+    def config(self) -> ClientConfig:
+        return ClientConfig.resolve(self.coordinator, self.key)
+
+
+def globals_from(ctx: typer.Context) -> Globals:
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, Globals) else Globals()
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def client_for(ctx: typer.Context) -> Iterator[LoomClient]:
+    """A signed client for the configured coordinator; errors become one-line exits."""
+    try:
+        config = globals_from(ctx).config()
+        client = LoomClient.from_config(config)
+    except IdentityError as exc:
+        fail(str(exc))
+    try:
+        yield client
+    except LoomConnectionError as exc:
+        fail(str(exc), EXIT_UNREACHABLE)
+    except LoomAPIError as exc:
+        fail(f"{exc.message} [{exc.code}]", EXIT_API)
+    except LoomError as exc:
+        fail(str(exc), EXIT_API)
+    finally:
+        client.close()
+
+
+def print_json(data: Any) -> None:
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    elif isinstance(data, list):
+        data = [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in data]
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    delta = max(0.0, now - ts)
+    if delta < 60:
+        return f"{delta:.0f}s ago"
+    if delta < 3600:
+        return f"{delta / 60:.0f}m ago"
+    return f"{delta / 3600:.1f}h ago"
+
+
+STATE_STYLE = {
+    "available": "green",
+    "allocated": "cyan",
+    "verifying": "yellow",
+    "registering": "yellow",
+    "offline": "dim",
+    "banned": "bold red",
+    "running": "green",
+    "healing": "yellow",
+    "provisioning": "yellow",
+    "requested": "yellow",
+    "failed": "red",
+    "terminated": "dim",
+    "terminating": "dim",
+    "ready": "green",
+    "lost": "red",
+}
+
+
+def styled_state(state: str) -> str:
+    style = STATE_STYLE.get(state, "")
+    return f"[{style}]{state}[/]" if style else state

@@ -1,0 +1,36 @@
+"""The `loom` command line: one typer app, one module per command group."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from loom.client.cli import keys, nodes
+from loom.client.cli.common import Globals
+
+app = typer.Typer(
+    name="loom",
+    help="Loom: verified GPU supply, instant Ray clusters, per-second billing.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    coordinator: Annotated[
+        str | None,
+        typer.Option(help="coordinator URL (else $LOOM_COORDINATOR, else http://127.0.0.1:8700)"),
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option(help="key name to sign with (else $LOOM_KEY, else 'default')")
+    ] = None,
+) -> None:
+    ctx.obj = Globals(coordinator=coordinator, key=key)
+
+
+app.add_typer(keys.app, name="key")
+app.command("nodes")(nodes.nodes)

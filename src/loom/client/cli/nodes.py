@@ -1,0 +1,51 @@
+"""`loom nodes`: the network's supply."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from loom.client.cli.common import ago, client_for, console, print_json, styled_state
+from loom.protocol.api import NodeOut
+
+
+def nodes(
+    ctx: typer.Context,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    mine: Annotated[bool, typer.Option("--mine", help="only nodes owned by my key")] = False,
+    state: Annotated[str | None, typer.Option(help="only nodes in this state")] = None,
+) -> None:
+    """List nodes with their state, region, devices and last heartbeat."""
+    with client_for(ctx) as client:
+        owner = client.key.public_hex if mine else None
+        rows = client.nodes(owner=owner, state=state)
+    if json_out:
+        print_json(rows)
+        return
+    console.print(nodes_table(rows))
+
+
+def nodes_table(rows: list[NodeOut]) -> Table:
+    now = time.time()
+    table = Table(title=f"{len(rows)} node(s)", title_justify="left")
+    for col in ("id", "name", "state", "region", "devices", "price/h", "heartbeat", "owner"):
+        table.add_column(col)
+    for node in rows:
+        devs = ", ".join(
+            (f"{d.model} ×{d.count}" if d.kind == "cpu" else d.model) + (" ✓" if d.verified else "")
+            for d in node.devices
+        )
+        table.add_row(
+            node.id,
+            node.name,
+            styled_state(node.state),
+            node.region,
+            devs,
+            node.price,
+            ago(node.last_heartbeat, now),
+            node.owner[:12] + "…",
+        )
+    return table

@@ -1,0 +1,159 @@
+"""The Loom SDK: a typed HTTP client that signs every request with the caller's key.
+
+    from loom.client.sdk import LoomClient
+    with LoomClient.from_env() as loom:
+        for node in loom.nodes():
+            print(node.name, node.state)
+
+Tests can pass an `httpx` transport (e.g. `httpx.MockTransport`) to run without a server.
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from loom.client.config import ClientConfig
+from loom.protocol.api import AccountOut, ErrorBody, Health, NodeOut
+from loom.protocol.identity import KeyPair, sign_request
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+class LoomError(Exception):
+    """Base for client-side errors; `str()` is a one-line reason for the user."""
+
+
+class LoomConnectionError(LoomError):
+    pass
+
+
+class LoomAPIError(LoomError):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(f"{message} [{code}]")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+class SigningAuth(httpx.Auth):
+    """Signs method, path, query, body hash, timestamp and a fresh nonce."""
+
+    requires_request_body = True
+
+    def __init__(self, key: KeyPair) -> None:
+        self.key = key
+
+    def auth_flow(self, request: httpx.Request) -> Any:
+        headers = sign_request(
+            self.key,
+            request.method,
+            request.url.path,
+            request.url.query.decode(),
+            request.content,
+            timestamp=int(time.time()),
+        )
+        request.headers.update(headers)
+        yield request
+
+
+class LoomClient:
+    def __init__(
+        self,
+        base_url: str,
+        key: KeyPair,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.key = key
+        self._http = httpx.Client(
+            base_url=self.base_url, auth=SigningAuth(key), timeout=timeout, transport=transport
+        )
+
+    @classmethod
+    def from_config(cls, config: ClientConfig, **kwargs: Any) -> LoomClient:
+        return cls(config.coordinator, config.load_key(), **kwargs)
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> LoomClient:
+        return cls.from_config(ClientConfig.resolve(), **kwargs)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> LoomClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise LoomConnectionError(
+                f"cannot reach the coordinator at {self.base_url} ({type(exc).__name__}): is it "
+                "running? Start one with `loom coordinator serve` or `loom up`, or pass --coordinator"
+            ) from None
+        if response.status_code >= 400:
+            raise _api_error(response)
+        return response
+
+    def _get(self, path: str, model: type[M], **kwargs: Any) -> M:
+        return _parse(model, self.request("GET", path, **kwargs).json())
+
+    def _get_list(self, path: str, model: type[M], **kwargs: Any) -> list[M]:
+        data = self.request("GET", path, **kwargs).json()
+        return TypeAdapter(list[model]).validate_python(data)  # type: ignore[valid-type]
+
+    # -- API ------------------------------------------------------------------------------
+
+    def health(self) -> Health:
+        return self._get("/healthz", Health)
+
+    def me(self) -> AccountOut:
+        return self._get("/v1/me", AccountOut)
+
+    def nodes(self, *, owner: str | None = None, state: str | None = None) -> list[NodeOut]:
+        params = {k: v for k, v in (("owner", owner), ("state", state)) if v}
+        return self._get_list("/v1/nodes", NodeOut, params=params)
+
+    def node(self, node_id: str) -> NodeOut:
+        return self._get(f"/v1/nodes/{node_id}", NodeOut)
+
+
+def _parse(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise LoomError(
+            f"unexpected answer from the coordinator: {exc.errors()[0]['msg']}"
+        ) from None
+
+
+def _api_error(response: httpx.Response) -> LoomAPIError:
+    try:
+        body = ErrorBody.model_validate(response.json())
+        return LoomAPIError(
+            response.status_code, body.error.code, body.error.message, body.error.field
+        )
+    except (ValueError, ValidationError):
+        text = response.text.strip().splitlines()[0][:200] if response.text.strip() else ""
+        return LoomAPIError(
+            response.status_code, "http_error", f"HTTP {response.status_code} {text}"
+        )

@@ -1,0 +1,185 @@
+"""The agent WebSocket: signed handshake, then typed messages both ways.
+
+Garbage (non-JSON, unknown types, wrong shapes, binary or oversized frames) closes the
+socket with code 4003 and a reason; a bad signature with 4001; an old protocol with 4002.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+
+from fastapi import APIRouter, WebSocket
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from loom.coordinator.api.deps import get_state
+from loom.coordinator.hub import AgentConnection
+from loom.coordinator.services import nodes as node_service
+from loom.coordinator.services.handshake import HandshakeError, check_auth, refuse_old_protocol
+from loom.coordinator.state import CoordinatorState
+from loom.core.models import NodeState
+from loom.protocol.messages import (
+    CLOSE_BAD_MESSAGE,
+    CLOSE_BANNED,
+    MAX_FRAME_BYTES,
+    Ack,
+    Auth,
+    Drain,
+    Heartbeat,
+    HeartbeatAck,
+    Hello,
+    InventoryUpdate,
+    Report,
+    Welcome,
+    agent_message_adapter,
+)
+from loom.protocol.version import MIN_AGENT_PROTOCOL, PROTOCOL_VERSION
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+HANDSHAKE_TIMEOUT_S = 10.0
+DEFAULT_PRICE_MICRO = 300_000  # 0.30 credits per device-hour until the market says otherwise
+
+
+class _Refuse(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason[:120]
+
+
+async def _receive_json(ws: WebSocket) -> object:
+    message = await ws.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    text = message.get("text")
+    if text is None:
+        raise _Refuse(
+            CLOSE_BAD_MESSAGE, "binary frames are not part of the protocol; send JSON text"
+        )
+    if len(text) > MAX_FRAME_BYTES:
+        raise _Refuse(CLOSE_BAD_MESSAGE, "frame too large")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise _Refuse(CLOSE_BAD_MESSAGE, "frame is not valid JSON") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "message"
+    return f"bad message: {where}: {err.get('msg', 'invalid')}"
+
+
+@router.websocket("/v1/agent/ws")
+async def agent_ws(ws: WebSocket) -> None:
+    state = get_state(ws)  # type: ignore[arg-type]
+    await ws.accept()
+    conn: AgentConnection | None = None
+    try:
+        conn = await _handshake(state, ws)
+        await _serve(state, ws, conn)
+    except _Refuse as exc:
+        await _close(ws, exc.code, exc.reason)
+    except HandshakeError as exc:
+        await _close(ws, exc.code, exc.reason)
+    except WebSocketDisconnect:
+        pass
+    except Exception:
+        log.exception("agent connection failed")
+        await _close(ws, 1011, "internal error")
+    finally:
+        if conn is not None and state.hub.detach(conn):
+            await state.hub.run_hooks(state.hub.on_disconnect, conn.node_id)
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    if ws.application_state != WebSocketState.DISCONNECTED:
+        with contextlib.suppress(Exception):
+            await ws.close(code=code, reason=reason)
+
+
+async def _handshake(state: CoordinatorState, ws: WebSocket) -> AgentConnection:
+    nonce = secrets.token_hex(32)
+    hello = Hello(protocol=PROTOCOL_VERSION, min_protocol=MIN_AGENT_PROTOCOL, nonce=nonce)
+    await ws.send_text(hello.model_dump_json())
+    try:
+        raw = await asyncio.wait_for(_receive_json(ws), HANDSHAKE_TIMEOUT_S)
+    except TimeoutError:
+        raise _Refuse(CLOSE_BAD_MESSAGE, "no auth message within 10 s") from None
+    if isinstance(raw, dict) and isinstance(raw.get("protocol"), int):
+        # Refuse an old agent before schema checks: it may not know today's fields.
+        refuse_old_protocol(raw["protocol"])
+    try:
+        auth = Auth.model_validate(raw)
+    except ValidationError as exc:
+        raise _Refuse(CLOSE_BAD_MESSAGE, _describe(exc)) from None
+    reg = check_auth(auth, nonce, default_price_micro=DEFAULT_PRICE_MICRO)
+    now = time.time()
+    async with state.session() as session:
+        node = await node_service.register(session, reg, now)
+        if node.state == NodeState.BANNED.value:
+            await session.rollback()
+            raise _Refuse(CLOSE_BANNED, "this node is banned (failed hardware verification)")
+        await session.commit()
+    conn = await state.hub.attach(reg.node_id, ws, now)
+    state.hub.heartbeats.record(reg.node_id, now, "{}")
+    await state.hub.run_hooks(state.hub.on_connect, reg.node_id)
+    async with state.session() as session:
+        node = await node_service.get_node(session, reg.node_id)
+        current = node.state
+    welcome = Welcome(
+        node_id=reg.node_id,
+        heartbeat_interval_s=state.settings.heartbeat_interval_s,
+        state=current,
+    )
+    await conn.send_text(welcome.model_dump_json())
+    return conn
+
+
+async def _serve(state: CoordinatorState, ws: WebSocket, conn: AgentConnection) -> None:
+    hub = state.hub
+    while True:
+        raw = await _receive_json(ws)
+        try:
+            msg = agent_message_adapter.validate_python(raw)
+        except ValidationError as exc:
+            raise _Refuse(CLOSE_BAD_MESSAGE, _describe(exc)) from None
+        if conn.closed:
+            return
+        if isinstance(msg, Heartbeat):
+            hub.heartbeats.record(conn.node_id, time.time(), msg.load.model_dump_json())
+            await conn.send_text(HeartbeatAck(seq=msg.seq).model_dump_json())
+        elif isinstance(msg, Ack):
+            conn.resolve(msg)
+        elif isinstance(msg, Report):
+            await hub.dispatch_report(conn.node_id, msg)
+        elif isinstance(msg, InventoryUpdate):
+            async with state.session() as session:
+                node = await node_service.get_node(session, conn.node_id)
+                node_service.apply_inventory(node, msg.inventory)
+                await node_service.sync_devices(session, node, msg.inventory)
+                await session.commit()
+        elif isinstance(msg, Drain):
+            await _drain(state, conn, msg.reason)
+            await _close(ws, 1000, "drained")
+            return
+
+
+async def _drain(state: CoordinatorState, conn: AgentConnection, reason: str) -> None:
+    now = time.time()
+    await state.hub.run_hooks(state.hub.on_disconnect, conn.node_id)
+    async with state.session() as session:
+        node = await node_service.get_node(session, conn.node_id)
+        if node.state != NodeState.BANNED.value:
+            node_service.transition(
+                session, node, NodeState.OFFLINE, f"drained: {reason or 'agent stopped'}", now
+            )
+        node.connected_since = None
+        await session.commit()

@@ -1,0 +1,64 @@
+"""Nodes and accounts (signed)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+from sqlalchemy import func, select
+
+from loom.coordinator.api.deps import CallerDep, SessionDep
+from loom.coordinator.db.models import Node
+from loom.coordinator.errors import BadRequest, Forbidden
+from loom.coordinator.services import auth as auth_service
+from loom.coordinator.services import nodes as node_service
+from loom.core.models import NodeState
+from loom.protocol.api import AccountOut, NodeOut, NodeUpdate
+
+router = APIRouter(prefix="/v1", tags=["nodes"])
+
+
+@router.get("/nodes", response_model=list[NodeOut])
+async def list_nodes(
+    session: SessionDep,
+    _caller: CallerDep,
+    owner: str | None = Query(default=None, description="only this owner's nodes"),
+    state: str | None = Query(default=None, description="only nodes in this state"),
+) -> list[NodeOut]:
+    if state is not None and state not in {s.value for s in NodeState}:
+        names = ", ".join(s.value for s in NodeState)
+        raise BadRequest(
+            "invalid_state", f"unknown node state {state!r}; use one of: {names}", field="state"
+        )
+    return await node_service.list_nodes(session, owner=owner, state=state)
+
+
+@router.get("/nodes/{node_id}", response_model=NodeOut)
+async def get_node(node_id: str, session: SessionDep, _caller: CallerDep) -> NodeOut:
+    node = await node_service.get_node(session, node_id)
+    devices = await node_service.devices_by_node(session, [node.id])
+    return node_service.node_out(node, devices.get(node.id, []))
+
+
+@router.get("/me", response_model=AccountOut, tags=["accounts"])
+async def me(session: SessionDep, caller: CallerDep) -> AccountOut:
+    account = await auth_service.get_account(session, caller)
+    assert account is not None  # signed_caller created it
+    count = await session.scalar(
+        select(func.count()).select_from(Node).where(Node.owner_key == caller)
+    )
+    return AccountOut(key=caller, created_at=account.created_at, nodes=int(count or 0))
+
+
+@router.patch("/nodes/{node_id}", response_model=NodeOut)
+async def update_node(
+    node_id: str, body: NodeUpdate, session: SessionDep, caller: CallerDep
+) -> NodeOut:
+    """Change a node's price or name (its owner only)."""
+    node = await node_service.get_node(session, node_id)
+    if node.owner_key != caller:
+        raise Forbidden(
+            "not_owner", f"node {node_id} belongs to another key; only its owner may change it"
+        )
+    node_service.apply_update(node, body)
+    await session.commit()
+    devices = await node_service.devices_by_node(session, [node.id])
+    return node_service.node_out(node, devices.get(node.id, []))

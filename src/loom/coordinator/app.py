@@ -1,0 +1,67 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from loom.coordinator.api import agent_ws, errors, nodes, public
+from loom.coordinator.api.limits import BodyLimitMiddleware
+from loom.coordinator.config import Settings
+from loom.coordinator.db.engine import create_engine, migrate, session_factory
+from loom.coordinator.loops.watchdog import flush_heartbeats, watchdog_step
+from loom.coordinator.services.lifecycle import activate_on_connect
+from loom.coordinator.state import CoordinatorState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    engine = create_engine(settings.db_url)
+    state = CoordinatorState(settings=settings, engine=engine, sessions=session_factory(engine))
+
+    async def on_connect(node_id: str) -> None:
+        await activate_on_connect(state, node_id)
+
+    state.hub.on_connect.append(on_connect)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await migrate(engine)
+        state.started_at = time.time()
+
+        async def watchdog() -> None:
+            await watchdog_step(state)
+
+        async def flusher() -> None:
+            await flush_heartbeats(state)
+
+        state.spawn_loop("watchdog", settings.watchdog_interval_s, watchdog)
+        state.spawn_loop("heartbeat-flush", settings.heartbeat_flush_s, flusher)
+        log.info("coordinator ready on %s:%s (db %s)", settings.host, settings.port, engine.url)
+        try:
+            yield
+        finally:
+            await state.stop_loops()
+            try:
+                await flush_heartbeats(state)
+            finally:
+                await engine.dispose()
+
+    app = FastAPI(
+        title="Loom coordinator",
+        version="0.1.0",
+        description="Decentralized GPU cloud: verified supply, Ray clusters, per-second billing.",
+        lifespan=lifespan,
+    )
+    app.state.loom = state
+    errors.install(app)
+    app.include_router(public.router)
+    app.include_router(nodes.router)
+    app.include_router(agent_ws.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app

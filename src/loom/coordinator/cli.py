@@ -1,0 +1,68 @@
+"""`loom coordinator …`: run the coordinator."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from loom.coordinator.app import create_app
+from loom.coordinator.config import Settings, default_db_url
+from loom.coordinator.db.engine import DatabaseURLError, normalize_url
+from loom.protocol.keystore import loom_home
+from loom.protocol.messages import MAX_FRAME_BYTES
+
+app = typer.Typer(
+    help="Run the coordinator (API, agent endpoint, database, loops).", no_args_is_help=True
+)
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8700,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            help="sqlite:///PATH or postgresql://USER@HOST/DB (default: $LOOM_HOME/coordinator.db)"
+        ),
+    ] = None,
+    heartbeat_timeout: Annotated[
+        float, typer.Option(help="seconds without a heartbeat before a node is offline")
+    ] = 15.0,
+    faucet: Annotated[
+        bool,
+        typer.Option("--faucet/--no-faucet", help="mint credits on request (embedded/demo mode)"),
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Serve the HTTP API and the agent WebSocket."""
+    home = loom_home()
+    home.mkdir(parents=True, exist_ok=True)
+    url = db or default_db_url(home)
+    try:
+        normalize_url(url)
+    except DatabaseURLError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = Settings(
+        db_url=url, host=host, port=port, heartbeat_timeout_s=heartbeat_timeout, faucet=faucet
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        ws_max_size=MAX_FRAME_BYTES,
+        ws_ping_interval=20,
+        ws_ping_timeout=20,
+        access_log=False,
+    )

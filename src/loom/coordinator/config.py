@@ -1,0 +1,30 @@
+"""Coordinator settings, from the command line or the embedding program."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_db_url(home: Path) -> str:
+    return f"sqlite:///{home / 'coordinator.db'}"
+
+
+@dataclass
+class Settings:
+    db_url: str
+    host: str = "127.0.0.1"
+    port: int = 8700
+    #: A node with no heartbeat for this long becomes `offline`.
+    heartbeat_timeout_s: float = 15.0
+    #: What agents are told to use.
+    heartbeat_interval_s: float = 5.0
+    #: How often buffered heartbeats are written to the database.
+    heartbeat_flush_s: float = 1.0
+    watchdog_interval_s: float = 1.0
+    max_body_bytes: int = 1 << 20
+    max_clock_skew_s: int = 60
+    #: Mint credits on request (embedded demo); off unless asked for.
+    faucet: bool = False
+    operator_key_hex: str = ""
+    extra: dict[str, str] = field(default_factory=dict)

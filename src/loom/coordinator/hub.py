@@ -1,0 +1,139 @@
+"""The coordinator's live view of connected agents: one `AgentConnection` per node.
+
+Commands go down with an id and come back as an `ack`; `call` awaits it. Facts that
+agents report are handed to registered handlers (the cluster and challenge services
+plug in here) so this module knows nothing of clusters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from loom.coordinator.services.heartbeats import HeartbeatBuffer
+from loom.protocol.messages import CLOSE_REPLACED, Ack, Command, Report
+
+log = logging.getLogger(__name__)
+
+
+class Sender(Protocol):
+    async def send_text(self, data: str) -> None: ...
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+class CommandFailed(RuntimeError):
+    pass
+
+
+class AgentNotConnected(RuntimeError):
+    pass
+
+
+ReportHandler = Callable[[str, Report], Awaitable[None]]
+NodeHook = Callable[[str], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class AgentConnection:
+    node_id: str
+    ws: Sender
+    connected_at: float
+    pending: dict[str, asyncio.Future[Ack]] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    closed: bool = False
+
+    async def send_text(self, text: str) -> None:
+        async with self.lock:
+            await self.ws.send_text(text)
+
+    async def call(
+        self, name: str, args: dict[str, Any] | None = None, *, timeout: float = 30.0
+    ) -> Ack:
+        """Send a command and wait for its ack; raises CommandFailed on a negative ack."""
+        cmd = Command(id=secrets.token_hex(8), name=name, args=args or {})
+        fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        self.pending[cmd.id] = fut
+        try:
+            await self.send_text(cmd.model_dump_json())
+            ack = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise CommandFailed(
+                f"{name}: no answer from node {self.node_id} in {timeout:g} s"
+            ) from None
+        finally:
+            self.pending.pop(cmd.id, None)
+        if not ack.ok:
+            raise CommandFailed(f"{name} on node {self.node_id}: {ack.error}")
+        return ack
+
+    def resolve(self, ack: Ack) -> None:
+        fut = self.pending.get(ack.id)
+        if fut is not None and not fut.done():
+            fut.set_result(ack)
+
+    def fail_pending(self, reason: str) -> None:
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(AgentNotConnected(reason))
+        self.pending.clear()
+
+
+class AgentHub:
+    def __init__(self) -> None:
+        self.connections: dict[str, AgentConnection] = {}
+        self.heartbeats = HeartbeatBuffer()
+        self.report_handlers: dict[str, list[ReportHandler]] = {}
+        self.on_connect: list[NodeHook] = []
+        self.on_disconnect: list[NodeHook] = []
+
+    async def attach(self, node_id: str, ws: Sender, now: float) -> AgentConnection:
+        old = self.connections.get(node_id)
+        conn = AgentConnection(node_id=node_id, ws=ws, connected_at=now)
+        self.connections[node_id] = conn
+        if old is not None:
+            old.closed = True
+            old.fail_pending("replaced by a newer connection")
+            with contextlib.suppress(Exception):
+                await old.ws.close(code=CLOSE_REPLACED, reason="replaced by a newer connection")
+        return conn
+
+    def detach(self, conn: AgentConnection) -> bool:
+        """Forget `conn`; True if it was the node's current connection."""
+        conn.closed = True
+        conn.fail_pending("agent disconnected")
+        if self.connections.get(conn.node_id) is conn:
+            del self.connections[conn.node_id]
+            return True
+        return False
+
+    def get(self, node_id: str) -> AgentConnection:
+        conn = self.connections.get(node_id)
+        if conn is None:
+            raise AgentNotConnected(f"node {node_id} is not connected")
+        return conn
+
+    def is_connected(self, node_id: str) -> bool:
+        return node_id in self.connections
+
+    def on_report(self, kind: str, handler: ReportHandler) -> None:
+        self.report_handlers.setdefault(kind, []).append(handler)
+
+    async def dispatch_report(self, node_id: str, report: Report) -> None:
+        for handler in self.report_handlers.get(report.kind, []):
+            try:
+                await handler(node_id, report)
+            except Exception:
+                log.exception("report handler for %s failed", report.kind)
+
+    async def run_hooks(self, hooks: list[NodeHook], node_id: str) -> None:
+        for hook in hooks:
+            try:
+                await hook(node_id)
+            except Exception:
+                log.exception("node hook failed for %s", node_id)

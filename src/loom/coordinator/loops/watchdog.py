@@ -1,0 +1,65 @@
+"""Watchdog (Prefect-style): nodes that stop heart-beating become `offline`.
+
+A reconciler: flush what we observed (buffered heartbeats), read the facts from the
+database, decide, act, record. Idempotent, so any replica may run it at any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from sqlalchemy import select
+
+from loom.coordinator.db.models import Node
+from loom.coordinator.services import auth as auth_service
+from loom.coordinator.services import nodes as node_service
+from loom.coordinator.state import CoordinatorState
+from loom.core.models import NodeState
+from loom.protocol.messages import CLOSE_STALE
+
+_WATCHED = (
+    NodeState.REGISTERING.value,
+    NodeState.VERIFYING.value,
+    NodeState.AVAILABLE.value,
+    NodeState.ALLOCATED.value,
+)
+
+
+async def flush_heartbeats(state: CoordinatorState) -> int:
+    if not len(state.hub.heartbeats):
+        return 0
+    async with state.session() as session:
+        n = await state.hub.heartbeats.flush(session)
+        await session.commit()
+        return n
+
+
+async def watchdog_step(state: CoordinatorState, now: float | None = None) -> list[str]:
+    """Mark stale nodes offline; return their ids."""
+    now = time.time() if now is None else now
+    await flush_heartbeats(state)
+    cutoff = now - state.settings.heartbeat_timeout_s
+    went_offline: list[str] = []
+    async with state.session() as session:
+        stmt = select(Node).where(Node.state.in_(_WATCHED), Node.last_heartbeat_at < cutoff)
+        if session.bind is not None and session.bind.dialect.name == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        for node in (await session.execute(stmt)).scalars():
+            gap = now - (node.last_heartbeat_at or now)
+            node_service.transition(
+                session, node, NodeState.OFFLINE, f"no heartbeat for {gap:.1f} s", now
+            )
+            node.connected_since = None
+            went_offline.append(node.id)
+        await auth_service.purge_nonces(session, now)
+        await session.commit()
+    for node_id in went_offline:
+        conn = state.hub.connections.get(node_id)
+        if conn is not None:
+            # A connection that stopped beating is dead even if TCP has not noticed.
+            state.hub.detach(conn)
+            with contextlib.suppress(Exception):
+                await conn.ws.close(code=CLOSE_STALE, reason="heartbeat timeout; reconnect")
+        await state.hub.run_hooks(state.hub.on_disconnect, node_id)
+    return went_offline

@@ -1,0 +1,225 @@
+"""`loom up`: the embedded default — a coordinator and a few local agents on one machine.
+
+Each part runs as its own process, exactly as it would on separate machines: the
+coordinator on 127.0.0.1 with SQLite under $LOOM_HOME, and N agents that dial out to it.
+Ctrl-C (or SIGTERM) stops everything: agents drain first, then the coordinator.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from loom.client.cli.common import EXIT_API, console, fail
+from loom.client.cli.nodes import nodes_table
+from loom.client.config import ClientConfig
+from loom.client.sdk import LoomClient, LoomError
+from loom.demo import run_demo
+from loom.protocol.keystore import loom_home
+
+REGIONS = ("eu-west", "eu-west", "eu-central", "us-east")
+PRICES = ("0.30", "0.35", "0.40", "0.45")
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LocalNetwork:
+    """A coordinator and agents as child processes; `stop()` takes them all down."""
+
+    home: Path
+    port: int
+    agents: int
+    runtime: str
+    host: str = "127.0.0.1"
+    heartbeat_timeout: float = 15.0
+    db_url: str | None = None
+    coordinator: subprocess.Popen[bytes] | None = None
+    agent_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["LOOM_HOME"] = str(self.home)
+        env["LOOM_COORDINATOR"] = self.url
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def start(self) -> None:
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "loom", "coordinator", "serve",
+            "--host", self.host, "--port", str(self.port), "--faucet",
+            "--heartbeat-timeout", str(self.heartbeat_timeout),
+        ]  # fmt: skip
+        if self.db_url:
+            cmd += ["--db", self.db_url]
+        self.coordinator = subprocess.Popen(
+            cmd,
+            env=self._env(),
+            stdout=open(logs / "coordinator.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
+        self.wait_healthy()
+        for i in range(self.agents):
+            name = f"local-{i + 1}"
+            agent_cmd = [
+                sys.executable, "-m", "loom", "worker", "start",
+                "--name", name, "--region", REGIONS[i % len(REGIONS)],
+                "--price", PRICES[i % len(PRICES)], "--runtime", self.runtime,
+            ]  # fmt: skip
+            self.agent_procs.append(
+                subprocess.Popen(
+                    agent_cmd,
+                    env=self._env(),
+                    stdout=open(logs / f"{name}.log", "ab"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        config = ClientConfig(coordinator=self.url, home=self.home, key_name="default")
+        with LoomClient.from_config(config, timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.coordinator is not None and self.coordinator.poll() is not None:
+                    raise RuntimeError(
+                        f"the coordinator exited with code {self.coordinator.returncode}; "
+                        f"see {self.home / 'logs' / 'coordinator.log'}"
+                    )
+                try:
+                    client.health()
+                    return
+                except LoomError:
+                    time.sleep(0.2)
+        raise RuntimeError(f"the coordinator did not answer on {self.url} within {timeout:.0f} s")
+
+    def wait_nodes(self, client: LoomClient, count: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        mine = client.key.public_hex
+        while time.monotonic() < deadline:
+            ready = [
+                n
+                for n in client.nodes(owner=mine)
+                if n.state in ("available", "allocated") and n.name.startswith("local-")
+            ]
+            if len(ready) >= count:
+                return
+            for proc in self.agent_procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"an agent exited with code {proc.returncode}; see {self.home / 'logs'}"
+                    )
+            time.sleep(0.3)
+        raise RuntimeError(f"{count} agents did not come up within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        for proc in self.agent_procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        _wait_all(self.agent_procs, 20)
+        if self.coordinator is not None and self.coordinator.poll() is None:
+            self.coordinator.send_signal(signal.SIGTERM)
+            _wait_all([self.coordinator], 15)
+
+
+def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def default_runtime() -> str:
+    return "bwrap" if shutil.which("bwrap") else "process"
+
+
+def up(
+    agents: Annotated[int, typer.Option(help="how many local agents to start")] = 3,
+    port: Annotated[int, typer.Option(help="coordinator port (a free one if taken)")] = 8700,
+    runtime: Annotated[
+        str | None, typer.Option(help="sandbox for workloads (default: bwrap if installed)")
+    ] = None,
+    demo: Annotated[
+        bool, typer.Option(help="run the demo end to end, then stop everything and exit")
+    ] = False,
+) -> None:
+    """Start the embedded network: a coordinator and local agents, until Ctrl-C."""
+    if not 1 <= agents <= 16:
+        fail("--agents must be between 1 and 16")
+    home = loom_home()
+    home.mkdir(parents=True, exist_ok=True)
+    host = "127.0.0.1"
+    if not port_free(host, port):
+        new_port = free_port(host)
+        console.print(f"[yellow]port {port} is taken; using {new_port}[/]")
+        port = new_port
+    net = LocalNetwork(home=home, port=port, agents=agents, runtime=runtime or default_runtime())
+    interrupted = False
+
+    def on_term(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    code = 0
+    try:
+        with console.status(f"starting coordinator on {net.url} …"):
+            net.start()
+        config = ClientConfig(coordinator=net.url, home=home, key_name="default")
+        with LoomClient.from_config(config) as client:
+            with console.status(f"waiting for {agents} agents to join …"):
+                net.wait_nodes(client, agents)
+            console.print(nodes_table(client.nodes()))
+            console.print(f"explorer: [bold]{net.url}/[/]   API docs: {net.url}/docs")
+            console.print(
+                f"use it from another terminal: [bold]export LOOM_COORDINATOR={net.url}[/]"
+            )
+            if demo:
+                code = run_demo(client, agents)
+            else:
+                console.print("press Ctrl-C to stop everything")
+                while True:
+                    time.sleep(1)
+                    if net.coordinator is not None and net.coordinator.poll() is not None:
+                        fail("the coordinator stopped; see its log", EXIT_API)
+    except KeyboardInterrupt:
+        interrupted = True
+    except (RuntimeError, LoomError) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        code = EXIT_API
+    finally:
+        with console.status("stopping agents and coordinator …"):
+            net.stop()
+        console.print("stopped" + (" (interrupted)" if interrupted else ""))
+    raise typer.Exit(code)

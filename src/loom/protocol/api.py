@@ -1,0 +1,80 @@
+"""HTTP API schemas shared by the coordinator, the SDK and the CLI.
+
+Request bodies are user input and refuse unknown fields; responses are read leniently by
+the SDK so that a newer coordinator can add fields.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class UserInput(BaseModel):
+    """Base for request bodies: unknown fields are refused with their path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorDetail(Response):
+    code: str = Field(description="stable machine-readable code, e.g. auth_bad_signature")
+    message: str = Field(description="what went wrong and what to change")
+    field: str | None = None
+
+
+class ErrorBody(Response):
+    error: ErrorDetail
+
+
+class DeviceOut(Response):
+    id: str
+    kind: str = Field(description="gpu | cpu")
+    model: str
+    index: int | None = None
+    count: int | None = None
+    vram_gb: float | None = None
+    state: str
+    verified: bool
+    allocated: bool = False
+
+
+class NodeOut(Response):
+    id: str
+    name: str
+    owner: str
+    state: str
+    region: str
+    country: str
+    price: str = Field(description="credits per device-hour")
+    last_heartbeat: float | None = Field(description="unix seconds")
+    connected_since: float | None = None
+    cpu_model: str = ""
+    cpu_cores: int = 0
+    ram_gb: float = 0.0
+    devices: list[DeviceOut] = Field(default_factory=list)
+    reliability: float = 0.0
+
+
+class AccountOut(Response):
+    key: str
+    created_at: float
+    nodes: int = 0
+
+
+class Health(Response):
+    status: str
+    version: str
+    protocol: int
+    database: str
+
+
+class NodeUpdate(UserInput):
+    """What a node's owner may change from the API."""
+
+    price: str | None = Field(
+        default=None, description="credits per device-hour as a decimal string, or 'auto'"
+    )
+    name: str | None = Field(default=None, min_length=1, max_length=128)
