@@ -14,6 +14,8 @@ import typer
 from loom.agent.config import AgentConfig, agent_ws_url
 from loom.agent.inventory import DeclaredProbe, GpuProbe, InventoryError, default_probe
 from loom.agent.main import Agent, AgentRefused
+from loom.agent.members import MemberManager
+from loom.agent.runtimes import Runtime, SandboxError, select_runtime
 from loom.core.models import validate_country, validate_region
 from loom.core.money import AmountError, parse_credits
 from loom.protocol.identity import IdentityError
@@ -45,6 +47,9 @@ def start(
     runtime: Annotated[
         str | None, typer.Option(help="sandbox for workloads: bwrap (default), docker, process")
     ] = None,
+    address: Annotated[
+        str, typer.Option(help="address other cluster nodes reach this machine at")
+    ] = "127.0.0.1",
     key: Annotated[
         str | None, typer.Option(help="owner key name (default $LOOM_KEY or 'default')")
     ] = None,
@@ -85,16 +90,32 @@ def start(
         price=price,
         work_dir=home / "agents" / _safe(node_name),
         runtime=runtime,
+        advertise_address=address,
     )
-    agent = Agent(config, node_key=node_key, owner_key=owner, probe=probe)
     try:
-        asyncio.run(_run(agent))
+        sandbox = select_runtime(runtime)
+    except SandboxError as exc:
+        raise _fail(str(exc)) from None
+    agent = Agent(
+        config, node_key=node_key, owner_key=owner, probe=probe, runtimes=[sandbox.name]
+    )
+    try:
+        asyncio.run(_run(agent, sandbox, config))
     except AgentRefused as exc:
         raise _fail(str(exc)) from None
 
 
-async def _run(agent: Agent) -> None:
+async def _run(agent: Agent, sandbox: Runtime, config: AgentConfig) -> None:
     agent.install_signal_handlers()
+    members = MemberManager(
+        config.work_dir / "members", sandbox, agent.report, node_ip=config.advertise_address
+    )
+    leftovers = await members.cleanup_leftovers()
+    if leftovers:
+        logging.getLogger(__name__).info("removed leftovers of earlier members: %s", leftovers)
+    agent.handlers.update(members.handlers())
+    agent.on_drain.append(members.stop_all)
+    members.start_health_loop()
     await agent.run()
 
 

@@ -16,6 +16,7 @@ class AgentConfig:
     price: str
     work_dir: Path
     runtime: str | None = None
+    advertise_address: str = "127.0.0.1"
     agent_version: str = "0.1.0"
     heartbeat_interval_s: float | None = None  # None: what the coordinator says
 

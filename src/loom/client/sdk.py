@@ -18,7 +18,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from loom.client.config import ClientConfig
-from loom.protocol.api import AccountOut, ErrorBody, Health, NodeOut
+from loom.protocol.api import AccountOut, ClusterOut, ErrorBody, Health, NodeOut
 from loom.protocol.identity import KeyPair, sign_request
 
 T = TypeVar("T")
@@ -108,7 +108,8 @@ class LoomClient:
         except httpx.TransportError as exc:
             raise LoomConnectionError(
                 f"cannot reach the coordinator at {self.base_url} ({type(exc).__name__}): is it "
-                "running? Start one with `loom coordinator serve` or `loom up`, or pass --coordinator"
+                "running? Start one with `loom coordinator serve` or `loom up`, "
+                "or pass --coordinator"
             ) from None
         if response.status_code >= 400:
             raise _api_error(response)
@@ -135,6 +136,39 @@ class LoomClient:
 
     def node(self, node_id: str) -> NodeOut:
         return self._get(f"/v1/nodes/{node_id}", NodeOut)
+
+    # -- clusters ---------------------------------------------------------------------------
+
+    def create_cluster(self, spec: dict[str, Any]) -> ClusterOut:
+        """Place and reserve a cluster; provisioning continues in the background."""
+        return _parse(ClusterOut, self.request("POST", "/v1/clusters", json={"spec": spec}).json())
+
+    def cluster(self, ref: str) -> ClusterOut:
+        """A cluster of yours by name or id."""
+        return self._get(f"/v1/clusters/{ref}", ClusterOut)
+
+    def clusters(self, *, all_states: bool = False) -> list[ClusterOut]:
+        params = {"all": "true"} if all_states else {}
+        return self._get_list("/v1/clusters", ClusterOut, params=params)
+
+    def delete_cluster(self, ref: str) -> ClusterOut:
+        """Tear a cluster down; returns once every member stopped."""
+        return _parse(
+            ClusterOut, self.request("DELETE", f"/v1/clusters/{ref}", timeout=120.0).json()
+        )
+
+    def wait_cluster(
+        self, ref: str, *, timeout: float = 120.0, interval: float = 0.25
+    ) -> ClusterOut:
+        """Poll until the cluster is running, failed or terminated."""
+        deadline = time.monotonic() + timeout
+        while True:
+            cluster = self.cluster(ref)
+            if cluster.state in ("running", "failed", "terminated"):
+                return cluster
+            if time.monotonic() > deadline:
+                raise LoomError(f"cluster {ref} still {cluster.state} after {timeout:.0f} s")
+            time.sleep(interval)
 
 
 def _parse(model: type[M], data: Any) -> M:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -9,13 +10,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from loom.coordinator.api import agent_ws, errors, nodes, public
+from loom.coordinator import healing
+from loom.coordinator.api import agent_ws, clusters, errors, nodes, public
 from loom.coordinator.api.limits import BodyLimitMiddleware
 from loom.coordinator.config import Settings
 from loom.coordinator.db.engine import create_engine, migrate, session_factory
 from loom.coordinator.loops.watchdog import flush_heartbeats, watchdog_step
 from loom.coordinator.services.lifecycle import activate_on_connect
 from loom.coordinator.state import CoordinatorState
+from loom.protocol.messages import Report
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +29,18 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def on_connect(node_id: str) -> None:
         await activate_on_connect(state, node_id)
+        # The agent answers only once its receive loop runs: sync in the background.
+        state.track(asyncio.create_task(healing.on_node_connected(state, node_id)))
+
+    async def on_offline(node_id: str) -> None:
+        state.track(asyncio.create_task(healing.on_node_offline(state, node_id)))
+
+    async def on_member_lost(node_id: str, report: Report) -> None:
+        state.track(asyncio.create_task(healing.on_report_member_lost(state, node_id, report)))
 
     state.hub.on_connect.append(on_connect)
+    state.hub.on_offline.append(on_offline)
+    state.hub.on_report("member.lost", on_member_lost)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -40,7 +53,11 @@ def create_app(settings: Settings) -> FastAPI:
         async def flusher() -> None:
             await flush_heartbeats(state)
 
+        async def reconciler() -> None:
+            await healing.reconcile_step(state)
+
         state.spawn_loop("watchdog", settings.watchdog_interval_s, watchdog)
+        state.spawn_loop("reconciler", settings.reconcile_interval_s, reconciler)
         state.spawn_loop("heartbeat-flush", settings.heartbeat_flush_s, flusher)
         log.info("coordinator ready on %s:%s (db %s)", settings.host, settings.port, engine.url)
         try:
@@ -62,6 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     app.include_router(public.router)
     app.include_router(nodes.router)
+    app.include_router(clusters.router)
     app.include_router(agent_ws.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     return app

@@ -22,9 +22,18 @@ class Settings:
     #: How often buffered heartbeats are written to the database.
     heartbeat_flush_s: float = 1.0
     watchdog_interval_s: float = 1.0
+    reconcile_interval_s: float = 2.0
     max_body_bytes: int = 1 << 20
     max_clock_skew_s: int = 60
     #: Mint credits on request (embedded demo); off unless asked for.
     faucet: bool = False
     operator_key_hex: str = ""
+    #: Only devices that passed the hardware challenge are placeable.
+    require_verified: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    #: How often the settlement loop meters healthy time and settles it (at most 60 s).
+    settle_interval_s: float = 30.0
+    #: Platform fee on settlements, in basis points (500 = 5 %).
+    fee_bps: int = 500
+    #: Warn in a cluster's status when its escrow pays for less than this.
+    escrow_warn_s: float = 900.0

@@ -90,7 +90,7 @@ class AgentHub:
         self.heartbeats = HeartbeatBuffer()
         self.report_handlers: dict[str, list[ReportHandler]] = {}
         self.on_connect: list[NodeHook] = []
-        self.on_disconnect: list[NodeHook] = []
+        self.on_offline: list[NodeHook] = []
 
     async def attach(self, node_id: str, ws: Sender, now: float) -> AgentConnection:
         old = self.connections.get(node_id)

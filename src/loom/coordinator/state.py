@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -23,6 +24,8 @@ class CoordinatorState:
     sessions: async_sessionmaker[AsyncSession]
     hub: AgentHub = field(default_factory=AgentHub)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+    driving: set[str] = field(default_factory=set)
     started_at: float = 0.0
 
     @contextlib.asynccontextmanager
@@ -45,10 +48,28 @@ class CoordinatorState:
 
         self.tasks.append(asyncio.create_task(runner(), name=name))
 
+    def drive(self, cluster_id: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` for a cluster in the background; the reconciler skips driven clusters."""
+        self.driving.add(cluster_id)
+
+        async def run() -> None:
+            try:
+                await work
+            finally:
+                self.driving.discard(cluster_id)
+
+        self.track(asyncio.create_task(run()))
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Keep a reference to background work (provisioning, teardown) until it ends."""
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
     async def stop_loops(self) -> None:
-        for task in self.tasks:
+        everything = [*self.tasks, *self.background]
+        for task in everything:
             task.cancel()
-        for task in self.tasks:
+        for task in everything:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.tasks.clear()

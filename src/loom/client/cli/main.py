@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from loom.client.cli import keys, nodes
+from loom.client.cli import cluster, keys, nodes
 from loom.client.cli.common import Globals
 
 app = typer.Typer(
@@ -33,4 +33,5 @@ def main_options(
 
 
 app.add_typer(keys.app, name="key")
+app.add_typer(cluster.app, name="cluster")
 app.command("nodes")(nodes.nodes)

@@ -31,8 +31,14 @@ def nodes(
 def nodes_table(rows: list[NodeOut]) -> Table:
     now = time.time()
     table = Table(title=f"{len(rows)} node(s)", title_justify="left")
-    for col in ("id", "name", "state", "region", "devices", "price/h", "heartbeat", "owner"):
-        table.add_column(col)
+    table.add_column("id", no_wrap=True, min_width=14)
+    table.add_column("name", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("region", no_wrap=True)
+    table.add_column("devices")
+    table.add_column("price/h", no_wrap=True)
+    table.add_column("heartbeat", no_wrap=True)
+    table.add_column("owner", no_wrap=True)
     for node in rows:
         devs = ", ".join(
             (f"{d.model} ×{d.count}" if d.kind == "cpu" else d.model) + (" ✓" if d.verified else "")
@@ -46,6 +52,6 @@ def nodes_table(rows: list[NodeOut]) -> Table:
             devs,
             node.price,
             ago(node.last_heartbeat, now),
-            node.owner[:12] + "…",
+            node.owner[:8] + "…",
         )
     return table

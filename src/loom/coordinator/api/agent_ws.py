@@ -95,8 +95,10 @@ async def agent_ws(ws: WebSocket) -> None:
         log.exception("agent connection failed")
         await _close(ws, 1011, "internal error")
     finally:
-        if conn is not None and state.hub.detach(conn):
-            await state.hub.run_hooks(state.hub.on_disconnect, conn.node_id)
+        # A dropped connection is not yet an offline node: the watchdog decides that
+        # when heartbeats stop, so a quick reconnect keeps the node's members.
+        if conn is not None:
+            state.hub.detach(conn)
 
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
@@ -130,16 +132,14 @@ async def _handshake(state: CoordinatorState, ws: WebSocket) -> AgentConnection:
         await session.commit()
     conn = await state.hub.attach(reg.node_id, ws, now)
     state.hub.heartbeats.record(reg.node_id, now, "{}")
-    await state.hub.run_hooks(state.hub.on_connect, reg.node_id)
-    async with state.session() as session:
-        node = await node_service.get_node(session, reg.node_id)
-        current = node.state
     welcome = Welcome(
         node_id=reg.node_id,
         heartbeat_interval_s=state.settings.heartbeat_interval_s,
-        state=current,
+        state=node.state,
     )
+    # Welcome first: hooks may send commands, which the agent reads only after it.
     await conn.send_text(welcome.model_dump_json())
+    await state.hub.run_hooks(state.hub.on_connect, reg.node_id)
     return conn
 
 
@@ -174,7 +174,7 @@ async def _serve(state: CoordinatorState, ws: WebSocket, conn: AgentConnection) 
 
 async def _drain(state: CoordinatorState, conn: AgentConnection, reason: str) -> None:
     now = time.time()
-    await state.hub.run_hooks(state.hub.on_disconnect, conn.node_id)
+    await state.hub.run_hooks(state.hub.on_offline, conn.node_id)
     async with state.session() as session:
         node = await node_service.get_node(session, conn.node_id)
         if node.state != NodeState.BANNED.value:

@@ -80,6 +80,9 @@ class Device(Base):
     declared: Mapped[bool] = mapped_column(Boolean, default=False)
     state: Mapped[str] = mapped_column(String(16))
     present: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: Units held by cluster members (GPU: 0 or 1; CPU: cores). Changed only by conditional
+    #: UPDATEs, so two requests can never allocate the same unit.
+    allocated_units: Mapped[int] = mapped_column(Integer, default=0)
 
     __table_args__ = (Index("ix_devices_model_state", "model", "state"),)
 
@@ -95,3 +98,145 @@ class NodeEvent(Base):
     from_state: Mapped[str] = mapped_column(String(16))
     to_state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(String(255), default="")
+
+
+class Cluster(Base):
+    __tablename__ = "clusters"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63))
+    owner_key: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    spec_json: Mapped[str] = mapped_column(Text)
+    ray_token: Mapped[str] = mapped_column(String(128))
+    head_address: Mapped[str] = mapped_column(String(255), default="")
+    dashboard_url: Mapped[str] = mapped_column(String(255), default="")
+    client_address: Mapped[str] = mapped_column(String(255), default="")
+    hourly_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+    ready_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    expires_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    state_changed_at: Mapped[float] = mapped_column(Float)
+    lease_until: Mapped[float] = mapped_column(Float, default=0.0)
+    timings_json: Mapped[str] = mapped_column(Text, default="{}")
+
+
+class Member(Base):
+    """One node's share of a cluster."""
+
+    __tablename__ = "members"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    cluster_id: Mapped[str] = mapped_column(
+        ForeignKey("clusters.id", ondelete="CASCADE"), index=True
+    )
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), index=True)
+    role: Mapped[str] = mapped_column(String(8))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    model: Mapped[str] = mapped_column(String(64))
+    units: Mapped[int] = mapped_column(Integer)
+    gpu_indices: Mapped[str] = mapped_column(String(128), default="")
+    price_micro: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Float)
+    ready_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ray_node_id: Mapped[str] = mapped_column(String(64), default="")
+
+
+class Allocation(Base):
+    """Units of a device held by a member (a GPU: 1; a CPU: cores)."""
+
+    __tablename__ = "allocations"
+
+    member_id: Mapped[str] = mapped_column(
+        ForeignKey("members.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    units: Mapped[int] = mapped_column(Integer)
+
+
+class ClusterEvent(Base):
+    __tablename__ = "cluster_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    cluster_id: Mapped[str] = mapped_column(
+        ForeignKey("clusters.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[float] = mapped_column(Float)
+    from_state: Mapped[str] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+# --------------------------------------------------------------------------- money plane
+# (issue 4; migration 0003). The ledger rules live in loom.core.ledger; these rows store
+# what it seals. `ledger_head` is the single row every poster locks first.
+
+
+class LedgerTransaction(Base):
+    __tablename__ = "ledger_transactions"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(16))
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    #: unix microseconds
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    meta_json: Mapped[str] = mapped_column(Text, default="{}")
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class LedgerEntry(Base):
+    __tablename__ = "ledger_entries"
+
+    txn_seq: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("ledger_transactions.seq"), primary_key=True
+    )
+    account: Mapped[str] = mapped_column(String(100), primary_key=True)
+    amount_micro: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_ledger_entries_account", "account", "txn_seq"),)
+
+
+class AccountBalance(Base):
+    """Materialized balances, updated in the same DB transaction as the entries."""
+
+    __tablename__ = "account_balances"
+
+    account: Mapped[str] = mapped_column(String(100), primary_key=True)
+    balance_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class LedgerHead(Base):
+    """One row (id 1): the chain's last seq and hash. Posters lock it first."""
+
+    __tablename__ = "ledger_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class MemberMeter(Base):
+    """Metering state of one member: how far healthy time was accrued, and what settled."""
+
+    __tablename__ = "member_meters"
+
+    member_id: Mapped[str] = mapped_column(
+        ForeignKey("members.id", ondelete="CASCADE"), primary_key=True
+    )
+    cluster_id: Mapped[str] = mapped_column(String(32), index=True)
+    supplier_key: Mapped[str] = mapped_column(String(64), index=True)
+    metered_until: Mapped[float] = mapped_column(Float)
+    carry: Mapped[int] = mapped_column(Integer, default=0)
+    #: whole micro-credits accrued so far (gross)
+    accrued_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: gross taken out of escrow so far, and the part of it paid to the supplier
+    settled_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    paid_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: accrued but never covered (the escrow ran dry); written off at close
+    written_off_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    closed: Mapped[bool] = mapped_column(Boolean, default=False)

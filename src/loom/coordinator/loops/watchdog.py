@@ -61,5 +61,5 @@ async def watchdog_step(state: CoordinatorState, now: float | None = None) -> li
             state.hub.detach(conn)
             with contextlib.suppress(Exception):
                 await conn.ws.close(code=CLOSE_STALE, reason="heartbeat timeout; reconnect")
-        await state.hub.run_hooks(state.hub.on_disconnect, node_id)
+        await state.hub.run_hooks(state.hub.on_offline, node_id)
     return went_offline

@@ -1,0 +1,192 @@
+"""The agent's cluster members: turn coordinator commands into Ray nodes in sandboxes.
+
+Commands (each answered by an ack; repeating one for the same member is a no-op):
+
+- ``member.start`` {cluster_id, member_id, role, token, head_address, num_cpus,
+  gpu_indices, env} → starts the member's Ray node and acks only once the node is
+  registered with the head: {gcs_address, dashboard_url, client_address, ray_node_id}.
+- ``member.stop`` {member_id} → stops the whole process tree and removes its files.
+- ``member.sync`` {members: [ids]} → stops every local member not in the list (after a
+  coordinator restart or a long disconnect) and reports the ones still running.
+
+A health loop watches running members; a dead Ray node is reported as ``member.lost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from loom.agent.raynode import (
+    PortAllocator,
+    RayNode,
+    RayNodeError,
+    RayNodeSpec,
+    cleanup_stale_members,
+)
+from loom.agent.runtimes import Runtime
+
+log = logging.getLogger(__name__)
+
+ReportFn = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+READY_TIMEOUT_S = 75.0
+#: A full health probe asks the head's GCS (a subprocess importing Ray): kept infrequent.
+#: Process death is noticed at once by a cheap watcher per member.
+HEALTH_INTERVAL_S = 30.0
+
+
+class MemberManager:
+    def __init__(
+        self,
+        base_dir: Path,
+        runtime: Runtime,
+        report: ReportFn,
+        *,
+        node_ip: str = "127.0.0.1",
+        ports: PortAllocator | None = None,
+    ) -> None:
+        self.base_dir = base_dir
+        self.runtime = runtime
+        self.report = report
+        self.node_ip = node_ip
+        self.ports = ports or PortAllocator()
+        self.nodes: dict[str, RayNode] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        self._starting: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._health_task: asyncio.Task[None] | None = None
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]:
+        return {
+            "member.start": self.start,
+            "member.stop": self.stop,
+            "member.sync": self.sync,
+        }
+
+    async def cleanup_leftovers(self) -> list[str]:
+        """Remove members left by a previous agent process (crash, SIGKILL)."""
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        return await cleanup_stale_members(self.base_dir)
+
+    def start_health_loop(self) -> None:
+        if self._health_task is None:
+            self._health_task = asyncio.create_task(self._health_loop())
+
+    async def start(self, args: dict[str, Any]) -> dict[str, Any]:
+        member_id = str(args["member_id"])
+        if member_id in self.info:
+            return self.info[member_id]
+        task = self._starting.get(member_id)
+        if task is None:
+            task = asyncio.create_task(self._start(args))
+            self._starting[member_id] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._starting.pop(member_id, None)
+
+    async def _start(self, args: dict[str, Any]) -> dict[str, Any]:
+        gpu = tuple(int(i) for i in args.get("gpu_indices") or ())
+        spec = RayNodeSpec(
+            cluster_id=str(args["cluster_id"]),
+            member_id=str(args["member_id"]),
+            role=args["role"],
+            token=str(args["token"]),
+            base_dir=self.base_dir,
+            head_address=args.get("head_address") or None,
+            num_cpus=int(args.get("num_cpus") or 1),
+            gpu_indices=gpu,
+            env={str(k): str(v) for k, v in (args.get("env") or {}).items()},
+            node_ip=self.node_ip,
+            include_dashboard=args["role"] == "head",
+        )
+        node = RayNode(spec, self.runtime, self.ports)
+        self.nodes[spec.member_id] = node
+        try:
+            await node.start()
+            info = await node.wait_ready(READY_TIMEOUT_S)
+        except (RayNodeError, OSError) as exc:
+            self.nodes.pop(spec.member_id, None)
+            with contextlib.suppress(Exception):
+                await node.stop()
+            raise RayNodeError(f"{exc}") from None
+        result = {
+            "gcs_address": info.gcs_address,
+            "dashboard_url": info.dashboard_url or "",
+            "client_address": info.client_address or "",
+            "ray_node_id": info.node_id,
+            "node_ip": info.node_ip,
+        }
+        self.info[spec.member_id] = result
+        watcher = asyncio.create_task(self._watch(spec.member_id, node))
+        self._watchers[spec.member_id] = watcher
+        return result
+
+    async def _watch(self, member_id: str, node: RayNode) -> None:
+        """Report the member lost as soon as its Ray process exits on its own."""
+        code = await node.wait_exit()
+        if self.nodes.get(member_id) is node and member_id in self.info:
+            await self._lost(member_id, node, f"Ray node process exited with code {code}")
+
+    async def _lost(self, member_id: str, node: RayNode, reason: str) -> None:
+        log.warning("member %s lost: %s", member_id, reason)
+        self.info.pop(member_id, None)
+        self.nodes.pop(member_id, None)
+        with contextlib.suppress(Exception):
+            await node.stop()
+        await self.report("member.lost", {"member_id": member_id, "reason": reason})
+
+    async def stop(self, args: dict[str, Any]) -> dict[str, Any]:
+        member_id = str(args["member_id"])
+        task = self._starting.pop(member_id, None)
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        node = self.nodes.pop(member_id, None)
+        self.info.pop(member_id, None)
+        watcher = self._watchers.pop(member_id, None)
+        if watcher is not None:
+            watcher.cancel()
+        if node is not None:
+            await node.stop()
+        return {"stopped": node is not None}
+
+    async def sync(self, args: dict[str, Any]) -> dict[str, Any]:
+        wanted = {str(m) for m in args.get("members") or []}
+        stopped = []
+        for member_id in list(self.nodes):
+            if member_id not in wanted:
+                await self.stop({"member_id": member_id})
+                stopped.append(member_id)
+        return {"stopped": stopped, "running": sorted(self.info)}
+
+    async def stop_all(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        await asyncio.gather(
+            *(self.stop({"member_id": m}) for m in list(self.nodes)), return_exceptions=True
+        )
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            for member_id, node in list(self.nodes.items()):
+                if member_id not in self.info:
+                    continue  # still starting
+                try:
+                    health = await node.health()
+                except Exception as exc:  # a probe failure is not a verdict
+                    log.warning("health probe of %s failed: %s", member_id, exc)
+                    continue
+                if not health.healthy and self.nodes.get(member_id) is node:
+                    await self._lost(member_id, node, health.detail or "Ray node died")

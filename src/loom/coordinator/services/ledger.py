@@ -1,0 +1,389 @@
+"""The ledger in the database: post transactions, read balances, re-verify the chain.
+
+`post` is `loom.core.ledger.MemoryLedger.post` over SQL, inside the caller's DB
+transaction (the caller commits): lock the head row, look the idempotency key up, check
+balances, seal with `build_transaction`, append the transaction and its entries, update
+the materialized balances and the head. Every poster locks the single `ledger_head` row
+first — `SELECT … FOR UPDATE` on PostgreSQL; on SQLite a no-op UPDATE of that row, which
+takes the database's one write lock before anything is read — so posts are serialized
+and a reader never decides on a stale head or balance. Whatever else the caller changed
+in the same DB transaction (metering state, a cluster's devices) commits or rolls back
+together with the ledger rows, which is what makes a crash at any moment harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from loom.coordinator.db.models import AccountBalance, LedgerEntry, LedgerHead, LedgerTransaction
+from loom.coordinator.errors import BadRequest, Conflict, PaymentRequired
+from loom.core import ledger as core
+from loom.core.ledger import Entry, Transaction
+from loom.core.money import format_credits
+
+HEAD_ID = 1
+#: No balance may leave ±2^62 micro-credits (BIGINT holds 2^63): refuse, don't overflow.
+BALANCE_LIMIT = 1 << 62
+CHUNK = 2000
+
+
+def _dialect(session: AsyncSession) -> str:
+    return session.get_bind().dialect.name
+
+
+async def lock_head(session: AsyncSession) -> tuple[int, str]:
+    """Take the ledger's lock for the rest of the caller's DB transaction; (seq, hash).
+
+    Call it before reading anything the decision depends on (balances, meters).
+    """
+    if _dialect(session) == "sqlite":
+        # The first write of the transaction: SQLite's write lock is taken (waiting up to
+        # busy_timeout) before the SELECT below reads, so the head cannot move under us.
+        await session.execute(
+            update(LedgerHead).where(LedgerHead.id == HEAD_ID).values(seq=LedgerHead.seq)
+        )
+        row = (
+            await session.execute(
+                select(LedgerHead.seq, LedgerHead.hash).where(LedgerHead.id == HEAD_ID)
+            )
+        ).one()
+    else:
+        row = (
+            await session.execute(
+                select(LedgerHead.seq, LedgerHead.hash)
+                .where(LedgerHead.id == HEAD_ID)
+                .with_for_update()
+            )
+        ).one()
+    return int(row[0]), str(row[1])
+
+
+def _meta_text(meta: Mapping[str, str]) -> str:
+    return json.dumps(dict(meta), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _meta_of(text: str) -> dict[str, str]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"_unreadable": text[:64]}
+    if not isinstance(value, dict):
+        return {"_unreadable": text[:64]}
+    return value
+
+
+_TXN_COLUMNS = (
+    LedgerTransaction.seq,
+    LedgerTransaction.kind,
+    LedgerTransaction.idempotency_key,
+    LedgerTransaction.created_at,
+    LedgerTransaction.meta_json,
+    LedgerTransaction.prev_hash,
+    LedgerTransaction.hash,
+)
+_TxnRow = tuple[int, str, str, int, str, str, str]
+
+
+def _txn(row: _TxnRow, entries: Iterable[tuple[str, int]]) -> Transaction:
+    seq, kind, key, created_at, meta_json, prev_hash, digest = row
+    return Transaction(
+        seq=int(seq),
+        kind=kind,
+        idempotency_key=key,
+        entries=core.canonical_entries(entries),
+        meta=_meta_of(meta_json),
+        created_at=int(created_at),
+        prev_hash=prev_hash,
+        hash=digest,
+    )
+
+
+async def get_by_key(session: AsyncSession, key: str) -> Transaction | None:
+    row = (
+        await session.execute(select(*_TXN_COLUMNS).where(LedgerTransaction.idempotency_key == key))
+    ).first()
+    if row is None:
+        return None
+    entries = (
+        await session.execute(
+            select(LedgerEntry.account, LedgerEntry.amount_micro).where(
+                LedgerEntry.txn_seq == row[0]
+            )
+        )
+    ).tuples()
+    return _txn(row._tuple(), entries)
+
+
+async def balances_of(session: AsyncSession, accounts: Sequence[str]) -> dict[str, int]:
+    if not accounts:
+        return {}
+    rows = await session.execute(
+        select(AccountBalance.account, AccountBalance.balance_micro).where(
+            AccountBalance.account.in_(list(accounts))
+        )
+    )
+    return {a: int(b) for a, b in rows.tuples()}
+
+
+async def balance(session: AsyncSession, account: str) -> int:
+    value = await session.scalar(
+        select(AccountBalance.balance_micro).where(AccountBalance.account == account)
+    )
+    return int(value or 0)
+
+
+async def post(
+    session: AsyncSession,
+    kind: str,
+    key: str,
+    entries: Iterable[Entry | tuple[str, int]],
+    meta: Mapping[str, str] | None,
+    now: float,
+) -> Transaction:
+    """Append one transaction (or return the stored one for a replayed key).
+
+    Raises Conflict (409) when the key was used for a different movement, PaymentRequired
+    (402) naming the shortfall when a balance would go negative, BadRequest (400) when the
+    movement breaks the ledger's rules. Nothing is written in any of those cases.
+    """
+    seq, head = await lock_head(session)
+    canon = core.canonical_entries(entries)
+    existing = await get_by_key(session, key)
+    if existing is not None:
+        if core.same_request(existing, kind, canon, meta):
+            return existing
+        raise Conflict(
+            "idempotency_conflict",
+            f"idempotency key {key!r} was already used for a different {existing.kind}; "
+            "use a new key for a new request",
+        )
+    try:
+        txn = core.build_transaction(
+            head, seq + 1, kind, key, canon, meta, max(0, int(now * 1_000_000))
+        )
+    except core.LedgerError as exc:
+        raise BadRequest("invalid_transaction", str(exc)) from None
+    accounts = [e.account for e in txn.entries]
+    current = await balances_of(session, accounts)
+    working = dict(current)
+    try:
+        core.apply(working, txn)
+    except core.InsufficientFunds as exc:
+        raise PaymentRequired(
+            "insufficient_funds",
+            f"{exc.account} holds {format_credits(exc.balance_micro)} credits, short by "
+            f"{format_credits(exc.shortfall_micro)}",
+        ) from None
+    for account in accounts:
+        if abs(working[account]) > BALANCE_LIMIT:
+            raise BadRequest(
+                "amount_too_large", f"{account} would exceed the ledger's balance limit"
+            )
+    await session.execute(
+        insert(LedgerTransaction).values(
+            seq=txn.seq,
+            kind=txn.kind,
+            idempotency_key=txn.idempotency_key,
+            created_at=txn.created_at,
+            meta_json=_meta_text(txn.meta),
+            prev_hash=txn.prev_hash,
+            hash=txn.hash,
+        )
+    )
+    await session.execute(
+        insert(LedgerEntry),
+        [{"txn_seq": txn.seq, "account": a, "amount_micro": m} for a, m in txn.entries],
+    )
+    new = [{"account": a, "balance_micro": working[a]} for a in accounts if a not in current]
+    if new:
+        await session.execute(insert(AccountBalance), new)
+    for account in accounts:
+        if account in current:
+            await session.execute(
+                update(AccountBalance)
+                .where(AccountBalance.account == account)
+                .values(balance_micro=working[account])
+            )
+    await session.execute(
+        update(LedgerHead).where(LedgerHead.id == HEAD_ID).values(seq=txn.seq, hash=txn.hash)
+    )
+    return txn
+
+
+# --------------------------------------------------------------------------- reading
+
+
+async def iter_chunks(
+    session: AsyncSession, *, after: int = 0, limit: int | None = None, chunk: int = CHUNK
+) -> AsyncIterator[list[Transaction]]:
+    """Transactions with seq > ``after`` in seq order, a chunk at a time (keyset paging)."""
+    left = limit
+    while left is None or left > 0:
+        size = chunk if left is None else min(chunk, left)
+        rows: list[_TxnRow] = [
+            r._tuple()
+            for r in await session.execute(
+                select(*_TXN_COLUMNS)
+                .where(LedgerTransaction.seq > after)
+                .order_by(LedgerTransaction.seq)
+                .limit(size)
+            )
+        ]
+        if not rows:
+            return
+        first, last = int(rows[0][0]), int(rows[-1][0])
+        by_seq: dict[int, list[tuple[str, int]]] = {}
+        entries = await session.execute(
+            select(LedgerEntry.txn_seq, LedgerEntry.account, LedgerEntry.amount_micro).where(
+                LedgerEntry.txn_seq >= first, LedgerEntry.txn_seq <= last
+            )
+        )
+        for seq, account, amount in entries.tuples():
+            by_seq.setdefault(int(seq), []).append((account, int(amount)))
+        yield [_txn(r, by_seq.get(int(r[0]), ())) for r in rows]
+        after = last
+        if left is not None:
+            left -= len(rows)
+
+
+async def transactions(session: AsyncSession, *, after: int, limit: int) -> list[Transaction]:
+    out: list[Transaction] = []
+    async for chunk in iter_chunks(session, after=after, limit=limit):
+        out.extend(chunk)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    ok: bool
+    count: int
+    last_seq: int
+    head_hash: str
+    stored_head_seq: int
+    stored_head_hash: str
+    minted_micro: int
+    total_micro: int  # sum of every balance, faucet included: always 0
+    failure: str | None
+    balances: dict[str, int]
+
+
+_DONE = object()
+
+
+async def verify(session: AsyncSession) -> VerifyResult:
+    """Re-verify the whole chain from the database, and the cached balances and head.
+
+    Rows stream in seq order through `loom.core.ledger.verify_chain`, which runs in a
+    worker thread fed chunk by chunk (bounded queue), so memory stays flat.
+    """
+    q: queue.Queue[object] = queue.Queue(maxsize=4)
+    stop = False
+
+    def feed() -> Iterator[Transaction]:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            assert isinstance(item, list)
+            yield from item
+
+    def run() -> core.VerifyReport:
+        nonlocal stop
+        try:
+            # The unique index on idempotency_key already guarantees unique keys.
+            return core.verify_chain(feed(), check_keys=False)
+        finally:
+            stop = True
+            while True:  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+
+    worker = asyncio.ensure_future(asyncio.to_thread(run))
+
+    def put(item: object) -> None:
+        while not stop:
+            try:
+                q.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    try:
+        async for chunk in iter_chunks(session):
+            await asyncio.to_thread(put, chunk)
+            if stop:
+                break
+        await asyncio.to_thread(put, _DONE)
+    finally:
+        if not worker.done():
+            await asyncio.to_thread(put, _DONE)
+    report = await worker
+    head = (await session.execute(select(LedgerHead.seq, LedgerHead.hash))).one()
+    stored = {
+        a: int(b)
+        for a, b in (
+            await session.execute(select(AccountBalance.account, AccountBalance.balance_micro))
+        ).tuples()
+    }
+    failure = str(report.failure) if report.failure else None
+    if failure is None:
+        recomputed = {a: b for a, b in report.balances.items() if b != 0}
+        cached = {a: b for a, b in stored.items() if b != 0}
+        if recomputed != cached:
+            wrong = sorted(set(recomputed.items()) ^ set(cached.items()))[:3]
+            failure = f"account_balances disagree with the entries: {wrong}"
+        elif (int(head[0]), str(head[1])) != (report.last_seq, report.head_hash):
+            failure = (
+                f"ledger_head says seq {head[0]} {head[1]}, the chain ends at seq "
+                f"{report.last_seq} {report.head_hash}"
+            )
+    return VerifyResult(
+        ok=failure is None,
+        count=report.count,
+        last_seq=report.last_seq,
+        head_hash=report.head_hash,
+        stored_head_seq=int(head[0]),
+        stored_head_hash=str(head[1]),
+        minted_micro=report.minted_micro,
+        total_micro=sum(report.balances.values()),
+        failure=failure,
+        balances=report.balances,
+    )
+
+
+async def history(
+    session: AsyncSession, accounts: Sequence[str], *, limit: int = 100, before: int | None = None
+) -> list[tuple[Transaction, str, int]]:
+    """Entries on ``accounts``, newest first: (transaction, account, amount)."""
+    stmt = (
+        select(LedgerEntry.txn_seq, LedgerEntry.account, LedgerEntry.amount_micro)
+        .where(LedgerEntry.account.in_(list(accounts)))
+        .order_by(LedgerEntry.txn_seq.desc())
+        .limit(limit)
+    )
+    if before is not None:
+        stmt = stmt.where(LedgerEntry.txn_seq < before)
+    hits = list((await session.execute(stmt)).tuples())
+    seqs = sorted({int(s) for s, _, _ in hits})
+    rows: dict[int, _TxnRow] = {
+        int(r[0]): r._tuple()
+        for r in await session.execute(select(*_TXN_COLUMNS).where(LedgerTransaction.seq.in_(seqs)))
+    }
+    out = []
+    for seq, account, amount in hits:
+        row = rows[int(seq)]
+        out.append((_txn(row, ()), account, int(amount)))
+    return out
+
+
+async def count(session: AsyncSession) -> int:
+    return int(await session.scalar(select(func.count()).select_from(LedgerTransaction)) or 0)

@@ -1,0 +1,163 @@
+"""The market: live offers (searched with the offer query language), quotes, auto prices."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from loom.coordinator.db.models import Device, Node
+from loom.coordinator.errors import BadRequest, Conflict
+from loom.coordinator.services import clusters as cluster_service
+from loom.core.catalog import CPU_MODEL
+from loom.core.metering import escrow_needed
+from loom.core.models import ConnectivityTier, DeviceState, NodeState, SecurityTier
+from loom.core.placement import PlacementFailure, PlacementPlan
+from loom.core.pricing import Quote, median_price, quote_lines
+from loom.core.query import Offer, QueryError, filter_offers, parse_query, sort_offers
+from loom.core.spec import ClusterSpec
+
+PLACEABLE = (NodeState.AVAILABLE.value, NodeState.ALLOCATED.value)
+#: Nodes whose price counts for the network median (`--price auto`).
+PRICED = (NodeState.VERIFYING.value, *PLACEABLE, NodeState.OFFLINE.value)
+DEFAULT_RELIABILITY = 0.5
+MAX_OFFERS = 1000
+
+
+async def live_offers(
+    session: AsyncSession, *, connected: set[str] | None, models: frozenset[str] | None = None
+) -> list[Offer]:
+    """One offer per (node, model) with free devices, from placeable (and connected) nodes."""
+    stmt = (
+        select(Device, Node)
+        .join(Node, Node.id == Device.node_id)
+        .where(
+            Node.state.in_(PLACEABLE),
+            Device.present.is_(True),
+            Device.state != DeviceState.FAILED.value,
+        )
+    )
+    if models is not None:
+        stmt = stmt.where(Device.model.in_(sorted(models)))
+    grouped: dict[tuple[str, str], list[tuple[Device, Node]]] = defaultdict(list)
+    for dev, node in (await session.execute(stmt)).tuples():
+        if connected is not None and node.id not in connected:
+            continue
+        grouped[(node.id, dev.model)].append((dev, node))
+    offers: list[Offer] = []
+    for (node_id, model), rows in grouped.items():
+        node = rows[0][1]
+        free = [d for d, _ in rows if d.allocated_units < (d.count or 1)]
+        if not free:
+            continue
+        if model == CPU_MODEL:
+            cpus = sum((d.count or 1) - d.allocated_units for d in free)
+            count = 1
+        else:
+            cpus = node.cpu_cores
+            count = len(free)
+        offers.append(
+            Offer(
+                node_id=node_id,
+                node_name=node.name,
+                model=model,
+                count=count,
+                vram_gb=max((d.vram_mb or 0) for d in free) / 1024,
+                cpus=cpus,
+                ram_gb=node.ram_mb / 1024,
+                region=node.region,
+                country=node.country,
+                price_micro=node.price_micro,
+                reliability=DEFAULT_RELIABILITY,
+                verified=any(d.state == DeviceState.VERIFIED.value for d in free),
+                security=SecurityTier.COMMUNITY,
+                connectivity=ConnectivityTier.ULTRA,
+            )
+        )
+    return offers
+
+
+async def search(
+    session: AsyncSession,
+    query: str,
+    *,
+    sort: str = "price",
+    limit: int = 100,
+    connected: set[str] | None,
+) -> list[Offer]:
+    """Offers matching ``query``; a parse error is a 400 whose message points at the token."""
+    try:
+        parsed = parse_query(query)
+    except QueryError as exc:
+        raise BadRequest("invalid_query", str(exc), field="q") from None
+    try:
+        sort_offers([], sort)
+    except ValueError as exc:
+        raise BadRequest("invalid_sort", str(exc), field="sort") from None
+    offers = await live_offers(session, connected=connected, models=parsed.models())
+    return sort_offers(filter_offers(parsed, offers), sort)[: max(1, min(limit, MAX_OFFERS))]
+
+
+@dataclass(frozen=True, slots=True)
+class QuoteResult:
+    plan: PlacementPlan
+    quote: Quote
+    escrow_micro: int
+    model: str
+
+
+async def quote_spec(
+    session: AsyncSession, spec: ClusterSpec, *, connected: set[str], require_verified: bool
+) -> QuoteResult:
+    """Price a spec on the placement `cluster up` would make right now."""
+    plan = await cluster_service.placement_for(
+        session, spec, spec.nodes, connected=connected, require_verified=require_verified
+    )
+    if isinstance(plan, PlacementFailure):
+        raise Conflict("no_capacity", plan.reason)
+    model = plan.head.model
+    result = quote_lines(
+        plan.price_lines(), spec.duration, model=None if model == CPU_MODEL else model
+    )
+    escrow = sum(escrow_needed(m.price_micro, m.units, spec.duration) for m in plan.members)
+    return QuoteResult(plan=plan, quote=result, escrow_micro=escrow, model=model)
+
+
+async def refresh_auto_prices(session: AsyncSession) -> int:
+    """Set every `--price auto` node to the median price of its model among fixed-price
+    nodes; returns how many changed. A model nobody prices yet keeps the current price."""
+    rows = await session.execute(
+        select(Node.id, Node.price_micro, Node.price_auto, Device.model)
+        .join(Device, Device.node_id == Node.id)
+        .where(Device.present.is_(True), Node.state.in_(PRICED))
+    )
+    models: dict[str, Counter[str]] = defaultdict(Counter)
+    price: dict[str, int] = {}
+    auto: set[str] = set()
+    for node_id, price_micro, price_auto, model in rows.tuples():
+        models[node_id][model] += 1
+        price[node_id] = int(price_micro)
+        if price_auto:
+            auto.add(node_id)
+    if not auto:
+        return 0
+
+    def primary(node_id: str) -> str:
+        gpus = [(n, m) for m, n in models[node_id].items() if m != CPU_MODEL]
+        return max(gpus)[1] if gpus else CPU_MODEL
+
+    fixed: dict[str, list[int]] = defaultdict(list)
+    for node_id in price:
+        if node_id not in auto:
+            fixed[primary(node_id)].append(price[node_id])
+    changed = 0
+    for node_id in sorted(auto):
+        median = median_price(fixed.get(primary(node_id), []))
+        if median is not None and median != price[node_id]:
+            await session.execute(
+                update(Node).where(Node.id == node_id).values(price_micro=median)
+            )
+            changed += 1
+    return changed
