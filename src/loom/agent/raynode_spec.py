@@ -149,7 +149,9 @@ class MemberPaths:
             root=root,
             home=root / "home",
             work=root / "work",
-            tmp=root / "tmp",
+            # TMPDIR must be short too: Python's multiprocessing (the dashboard) binds
+            # AF_UNIX sockets under it, and those paths are limited to 107 bytes.
+            tmp=ray_temp / "tmp",
             log=root / "ray-node.log",
             ray_temp=ray_temp,
         )
