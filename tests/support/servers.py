@@ -123,3 +123,58 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class CoordinatorProcess:
+    """`loom coordinator serve` as a real process (so it can be SIGKILLed and restarted)."""
+
+    def __init__(self, home: Path, db_url: str, port: int, *extra: str) -> None:
+        self.home = home
+        self.db_url = db_url
+        self.port = port
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+        home.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> CoordinatorProcess:
+        import httpx
+
+        log = open(self.home / "coordinator.log", "ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "loom", "coordinator", "serve", "--port", str(self.port),
+                "--db", self.db_url, "--faucet", *self.extra,
+            ],
+            env=agent_env(self.home, self.url), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"coordinator exited: {self.log()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("coordinator did not become healthy")
+
+    def log(self) -> str:
+        return (self.home / "coordinator.log").read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -78,15 +79,16 @@ class MemberManager:
             self._health_task = asyncio.create_task(self._health_loop())
 
     async def start(self, args: dict[str, Any]) -> dict[str, Any]:
+        received_at = time.time()
         member_id = str(args["member_id"])
         if member_id in self.info:
-            return self.info[member_id]
+            return {**self.info[member_id], "received_at": received_at}
         task = self._starting.get(member_id)
         if task is None:
             task = asyncio.create_task(self._start(args))
             self._starting[member_id] = task
         try:
-            return await asyncio.shield(task)
+            return {**(await asyncio.shield(task)), "received_at": received_at}
         finally:
             if task.done():
                 self._starting.pop(member_id, None)

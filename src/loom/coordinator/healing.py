@@ -172,7 +172,7 @@ async def reconcile_step(state: CoordinatorState, now: float | None = None) -> d
                 Cluster.state.in_(cluster_service.ACTIVE)
             )
         )
-        clusters = [tuple(r) for r in rows]
+        clusters = [(str(r[0]), str(r[1]), float(r[2]), float(r[3])) for r in rows]
     for cluster_id, cstate, expires_at, lease_until in clusters:
         if cluster_id in state.driving:
             continue

@@ -20,6 +20,7 @@ from typing import Any
 
 from loom.coordinator.db.models import Cluster, Member
 from loom.coordinator.hub import AgentNotConnected, CommandFailed
+from loom.coordinator.services import billing
 from loom.coordinator.services import clusters as cluster_service
 from loom.coordinator.state import CoordinatorState
 from loom.core.models import ClusterState, MemberState
@@ -60,12 +61,18 @@ async def start_member(state: CoordinatorState, cluster_id: str, member_id: str)
         member.state = MemberState.STARTING.value
         node_id = member.node_id
         await session.commit()
+    sent_at = time.time()
     try:
         conn = state.hub.get(node_id)
         ack = await conn.call("member.start", args, timeout=MEMBER_START_TIMEOUT_S)
     except (AgentNotConnected, CommandFailed) as exc:
         raise MemberStartFailed(str(exc)) from None
     now = time.time()
+    received = ack.result.get("received_at")
+    if isinstance(received, int | float):
+        # Same clock only when agent and coordinator share a machine; clamp skew away.
+        ack.result["delivery_s"] = max(0.0, min(float(received) - sent_at, now - sent_at))
+    ack.result["start_s"] = now - sent_at
     async with state.session() as session:
         member = await session.get(Member, member_id)
         assert member is not None
@@ -151,6 +158,8 @@ async def provision(state: CoordinatorState, cluster_id: str) -> None:
                     tried.add((await get_member(state, head_id)).node_id)
             else:
                 raise MemberStartFailed("the head failed to start twice")
+            timings["head_delivery_s"] = float(info.get("delivery_s", 0.0))
+            timings["head_ray_start_s"] = float(info.get("start_s", 0.0))
             async with state.session() as session:
                 cluster = await session.get(Cluster, cluster_id)
                 assert cluster is not None
@@ -257,6 +266,7 @@ async def teardown(
         cluster = await session.get(Cluster, cluster_id)
         assert cluster is not None
         now = time.time()
+        await billing.close_cluster(session, cluster_id, now, state.settings.fee_bps)
         if failed_reason:
             cluster_service.transition(session, cluster, ClusterState.FAILED, failed_reason, now)
         else:

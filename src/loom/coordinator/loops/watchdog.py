@@ -41,6 +41,10 @@ async def watchdog_step(state: CoordinatorState, now: float | None = None) -> li
     await flush_heartbeats(state)
     cutoff = now - state.settings.heartbeat_timeout_s
     went_offline: list[str] = []
+    if state.started_at > cutoff:
+        # Just (re)started: agents have not had a full timeout to reconnect yet, and a
+        # node is not dead because *we* were down. Judge nobody until then.
+        return went_offline
     async with state.session() as session:
         stmt = select(Node).where(Node.state.in_(_WATCHED), Node.last_heartbeat_at < cutoff)
         if session.bind is not None and session.bind.dialect.name == "postgresql":
