@@ -11,11 +11,14 @@ from typing import Annotated
 
 import typer
 
+from loom.agent import metrics as agent_metrics
 from loom.agent.config import AgentConfig, agent_ws_url
 from loom.agent.inventory import DeclaredProbe, GpuProbe, InventoryError, default_probe
 from loom.agent.main import Agent, AgentRefused
 from loom.agent.members import MemberManager
 from loom.agent.runtimes import Runtime, SandboxError, select_runtime
+from loom.agent.tunnel import AgentTunnel
+from loom.agent.verification import ChallengeHandler
 from loom.core.models import validate_country, validate_region
 from loom.core.money import AmountError, parse_credits
 from loom.protocol.identity import IdentityError
@@ -54,6 +57,10 @@ def start(
         str | None, typer.Option(help="owner key name (default $LOOM_KEY or 'default')")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    metrics_port: Annotated[
+        int | None, typer.Option(help="serve Prometheus /metrics on this port (0: any free one)")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="address the metrics port binds")] = "127.0.0.1",
 ) -> None:
     """Connect this machine to the coordinator and serve work until SIGTERM."""
     logging.basicConfig(
@@ -100,6 +107,7 @@ def start(
         config, node_key=node_key, owner_key=owner, probe=probe, runtimes=[sandbox.name]
     )
     try:
+        agent_metrics.configure(metrics_port, metrics_host)
         asyncio.run(_run(agent, sandbox, config))
     except AgentRefused as exc:
         raise _fail(str(exc)) from None
@@ -114,7 +122,12 @@ async def _run(agent: Agent, sandbox: Runtime, config: AgentConfig) -> None:
     if leftovers:
         logging.getLogger(__name__).info("removed leftovers of earlier members: %s", leftovers)
     agent.handlers.update(members.handlers())
+    agent.handlers.update(ChallengeHandler(agent).handlers())
     agent.on_drain.append(members.stop_all)
+    tunnel = AgentTunnel(agent.send_bytes, members.head_ports)
+    agent.on_binary = tunnel.on_frame
+    agent.on_disconnect.append(tunnel.reset)
+    await agent_metrics.serve(agent, members)
     members.start_health_loop()
     await agent.run()
 

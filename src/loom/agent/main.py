@@ -83,6 +83,9 @@ class Agent:
         self._sampler = LoadSampler(probe)
         self.connected = asyncio.Event()
         self.heartbeat_rtts: list[float] = []
+        # Binary frames are the tunnel's (loom.agent.tunnel); it resets when a session ends.
+        self.on_binary: Callable[[bytes], Awaitable[None]] | None = None
+        self.on_disconnect: list[Callable[[], Awaitable[None]]] = []
 
     # -- public -----------------------------------------------------------------------
 
@@ -107,6 +110,13 @@ class Agent:
         except ConnectionClosed:
             self._outbox.append(text)
 
+    async def send_bytes(self, data: bytes) -> None:
+        """Send a binary (tunnel) frame; raises ConnectionError when not connected."""
+        ws = self._ws
+        if ws is None:
+            raise ConnectionError("not connected to the coordinator")
+        await ws.send(data)
+
     async def run(self) -> None:
         backoff = Backoff()
         while not self._stop.is_set():
@@ -121,6 +131,9 @@ class Agent:
             finally:
                 self._ws = None
                 self.connected.clear()
+                for hook in self.on_disconnect:
+                    with contextlib.suppress(Exception):
+                        await hook()
             if self._stop.is_set():
                 break
             delay = backoff.next_delay()
@@ -208,6 +221,10 @@ class Agent:
 
     async def _receive(self, ws: ClientConnection) -> None:
         async for raw in ws:
+            if isinstance(raw, bytes):
+                if self.on_binary is not None:
+                    await self.on_binary(raw)
+                continue
             try:
                 msg = coordinator_message_adapter.validate_python(json.loads(raw))
             except ValueError as exc:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from loom.agent.raynode import (
     PortAllocator,
@@ -192,3 +193,16 @@ class MemberManager:
                     continue
                 if not health.healthy and self.nodes.get(member_id) is node:
                     await self._lost(member_id, node, health.detail or "Ray node died")
+
+    def head_ports(self) -> set[tuple[str, int]]:
+        """(host, port) of the Ray dashboard/Jobs API and client server of running heads."""
+        allowed: set[tuple[str, int]] = set()
+        for member_id, info in self.info.items():
+            node = self.nodes.get(member_id)
+            if node is None or node.spec.role != "head":
+                continue
+            for address in (info.get("dashboard_url"), info.get("client_address")):
+                parts = urlsplit(str(address or ""))
+                if parts.hostname and parts.port:
+                    allowed.add((parts.hostname, parts.port))
+        return allowed

@@ -20,6 +20,20 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from loom.client.config import ClientConfig
 from loom.protocol.api import AccountOut, ClusterOut, ErrorBody, Health, NodeOut
 from loom.protocol.identity import KeyPair, sign_request
+from loom.protocol.money import (
+    BalanceOut,
+    DepositRequest,
+    EarningsOut,
+    HistoryItem,
+    LedgerTxnOut,
+    LedgerVerifyOut,
+    OfferOut,
+    PayoutRequest,
+    QuoteOut,
+    QuoteRequest,
+    TxnReceipt,
+)
+from loom.protocol.verification import ChallengeOut, EvidenceOut
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -169,6 +183,61 @@ class LoomClient:
             if time.monotonic() > deadline:
                 raise LoomError(f"cluster {ref} still {cluster.state} after {timeout:.0f} s")
             time.sleep(interval)
+
+    # -- money (credits, earnings, payouts, ledger, market) -------------------------------
+
+    def deposit(self, amount: str, *, idempotency_key: str | None = None) -> TxnReceipt:
+        body = DepositRequest(amount=amount, idempotency_key=idempotency_key)
+        data = self.request("POST", "/v1/credits/deposit", json=body.model_dump()).json()
+        return _parse(TxnReceipt, data)
+
+    def balance(self) -> BalanceOut:
+        return self._get("/v1/credits/balance", BalanceOut)
+
+    def history(self, *, limit: int = 50, before: int | None = None) -> list[HistoryItem]:
+        params: dict[str, int] = {"limit": limit}
+        if before is not None:
+            params["before"] = before
+        return self._get_list("/v1/credits/history", HistoryItem, params=params)
+
+    def earnings(self) -> EarningsOut:
+        return self._get("/v1/earnings", EarningsOut)
+
+    def payout(self, amount: str, *, idempotency_key: str | None = None) -> TxnReceipt:
+        body = PayoutRequest(amount=amount, idempotency_key=idempotency_key)
+        return _parse(
+            TxnReceipt, self.request("POST", "/v1/payouts", json=body.model_dump()).json()
+        )
+
+    def ledger_verify(self) -> LedgerVerifyOut:
+        return self._get("/v1/ledger/verify", LedgerVerifyOut)
+
+    def ledger_transactions(self, *, after: int = 0, limit: int = 100) -> list[LedgerTxnOut]:
+        params = {"after": after, "limit": limit}
+        return self._get_list("/v1/ledger/transactions", LedgerTxnOut, params=params)
+
+    def offers(self, query: str = "", *, sort: str = "price", limit: int = 100) -> list[OfferOut]:
+        params: dict[str, str | int] = {"q": query, "sort": sort, "limit": limit}
+        return self._get_list("/v1/offers", OfferOut, params=params)
+
+    def quote(self, spec: dict[str, Any]) -> QuoteOut:
+        data = self.request("POST", "/v1/quote", json=QuoteRequest(spec=spec).model_dump()).json()
+        return _parse(QuoteOut, data)
+
+    # -- hardware verification --------------------------------------------------------------
+
+    def node_challenges(self, node_id: str, *, limit: int = 100) -> list[ChallengeOut]:
+        """A node's hardware challenges, newest first, with measured rates."""
+        return self._get_list(
+            f"/v1/nodes/{node_id}/challenges", ChallengeOut, params={"limit": limit}
+        )
+
+    def evidence(self, *, node: str | None = None, limit: int = 100) -> list[EvidenceOut]:
+        """Fraud evidence (re-check each item's `evidence` offline with verify_evidence)."""
+        params: dict[str, Any] = {"limit": limit}
+        if node:
+            params["node"] = node
+        return self._get_list("/v1/evidence", EvidenceOut, params=params)
 
 
 def _parse(model: type[M], data: Any) -> M:

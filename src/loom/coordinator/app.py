@@ -11,10 +11,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from loom.coordinator import healing
-from loom.coordinator.api import agent_ws, clusters, errors, nodes, public
+from loom.coordinator.api import agent_ws, clusters, errors, money, nodes, public, verification
+from loom.coordinator.api import explorer as explorer_api
+from loom.coordinator.api import tunnel as tunnel_api
 from loom.coordinator.api.limits import BodyLimitMiddleware
+from loom.coordinator.challenger import Challenger
 from loom.coordinator.config import Settings
 from loom.coordinator.db.engine import create_engine, migrate, session_factory
+from loom.coordinator.loops.challenger import challenger_loop
+from loom.coordinator.loops.settlement import settlement_step
 from loom.coordinator.loops.watchdog import flush_heartbeats, watchdog_step
 from loom.coordinator.services.lifecycle import activate_on_connect
 from loom.coordinator.state import CoordinatorState
@@ -35,12 +40,14 @@ def create_app(settings: Settings) -> FastAPI:
     async def on_offline(node_id: str) -> None:
         state.track(asyncio.create_task(healing.on_node_offline(state, node_id)))
 
-    async def on_member_lost(node_id: str, report: Report) -> None:
+    async def on_member_lost(node_id: str, report: Report, _received_at: float) -> None:
         state.track(asyncio.create_task(healing.on_report_member_lost(state, node_id, report)))
 
     state.hub.on_connect.append(on_connect)
     state.hub.on_offline.append(on_offline)
     state.hub.on_report("member.lost", on_member_lost)
+    challenger = Challenger(state)
+    challenger.install()  # after on_connect: the lifecycle sets `verifying` first
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -59,6 +66,9 @@ def create_app(settings: Settings) -> FastAPI:
         state.spawn_loop("watchdog", settings.watchdog_interval_s, watchdog)
         state.spawn_loop("reconciler", settings.reconcile_interval_s, reconciler)
         state.spawn_loop("heartbeat-flush", settings.heartbeat_flush_s, flusher)
+        state.spawn_loop("challenger", challenger.config.loop_s, challenger_loop(challenger))
+        state.spawn_loop("settlement", settings.settle_interval_s, lambda: settlement_step(state))
+        explorer_api.start(_app)
         log.info("coordinator ready on %s:%s (db %s)", settings.host, settings.port, engine.url)
         try:
             yield
@@ -76,10 +86,15 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.loom = state
+    app.state.challenger = challenger
     errors.install(app)
     app.include_router(public.router)
     app.include_router(nodes.router)
     app.include_router(clusters.router)
+    app.include_router(verification.router)
+    app.include_router(money.router)
     app.include_router(agent_ws.router)
+    app.include_router(tunnel_api.router)
+    explorer_api.install(app)  # pages at /, /explorer/api, /metrics
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     return app

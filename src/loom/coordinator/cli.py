@@ -37,6 +37,12 @@ def serve(
         bool,
         typer.Option("--faucet/--no-faucet", help="mint credits on request (embedded/demo mode)"),
     ] = False,
+    settle_interval: Annotated[
+        float, typer.Option(min=0.1, max=60.0, help="seconds between settlements (≤ 60)")
+    ] = 30.0,
+    fee_bps: Annotated[
+        int, typer.Option(min=0, max=9999, help="platform fee in basis points (500 = 5 %)")
+    ] = 500,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Serve the HTTP API and the agent WebSocket."""
@@ -54,7 +60,13 @@ def serve(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = Settings(
-        db_url=url, host=host, port=port, heartbeat_timeout_s=heartbeat_timeout, faucet=faucet
+        db_url=url,
+        host=host,
+        port=port,
+        heartbeat_timeout_s=heartbeat_timeout,
+        faucet=faucet,
+        settle_interval_s=settle_interval,
+        fee_bps=fee_bps,
     )
     uvicorn.run(
         create_app(settings),

@@ -29,7 +29,7 @@ class Settings:
     faucet: bool = False
     operator_key_hex: str = ""
     #: Only devices that passed the hardware challenge are placeable.
-    require_verified: bool = False
+    require_verified: bool = True
     extra: dict[str, str] = field(default_factory=dict)
     #: How often the settlement loop meters healthy time and settles it (at most 60 s).
     settle_interval_s: float = 30.0

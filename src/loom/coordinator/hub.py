@@ -35,7 +35,8 @@ class AgentNotConnected(RuntimeError):
     pass
 
 
-ReportHandler = Callable[[str, Report], Awaitable[None]]
+ReportHandler = Callable[[str, Report, float], Awaitable[None]]
+"""(node id, report, coordinator `time.monotonic()` when its frame arrived)."""
 NodeHook = Callable[[str], Awaitable[None]]
 
 
@@ -71,6 +72,11 @@ class AgentConnection:
         if not ack.ok:
             raise CommandFailed(f"{name} on node {self.node_id}: {ack.error}")
         return ack
+
+    async def notify(self, name: str, args: dict[str, Any] | None = None) -> None:
+        """Send a command without waiting for its ack (its ack, if any, is ignored)."""
+        cmd = Command(id=secrets.token_hex(8), name=name, args=args or {})
+        await self.send_text(cmd.model_dump_json())
 
     def resolve(self, ack: Ack) -> None:
         fut = self.pending.get(ack.id)
@@ -124,10 +130,10 @@ class AgentHub:
     def on_report(self, kind: str, handler: ReportHandler) -> None:
         self.report_handlers.setdefault(kind, []).append(handler)
 
-    async def dispatch_report(self, node_id: str, report: Report) -> None:
+    async def dispatch_report(self, node_id: str, report: Report, received_at: float) -> None:
         for handler in self.report_handlers.get(report.kind, []):
             try:
-                await handler(node_id, report)
+                await handler(node_id, report, received_at)
             except Exception:
                 log.exception("report handler for %s failed", report.kind)
 

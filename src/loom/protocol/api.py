@@ -78,3 +78,52 @@ class NodeUpdate(UserInput):
         default=None, description="credits per device-hour as a decimal string, or 'auto'"
     )
     name: str | None = Field(default=None, min_length=1, max_length=128)
+
+
+class ClusterCreate(UserInput):
+    """`spec` is the cluster spec mapping (as in cluster.yaml); validated by the coordinator."""
+
+    spec: dict[str, object]
+
+
+class MemberOut(Response):
+    id: str
+    node_id: str
+    node_name: str = ""
+    role: str
+    state: str
+    devices: list[str] = Field(default_factory=list)
+    model: str = ""
+    units: int = 0
+    price: str = ""
+    reason: str = ""
+    ready_at: float | None = None
+    ended_at: float | None = None
+
+
+class ClusterEventOut(Response):
+    at: float
+    from_state: str
+    to_state: str
+    reason: str
+
+
+class ClusterOut(Response):
+    id: str
+    name: str
+    owner: str
+    state: str
+    reason: str = ""
+    head_address: str = ""
+    dashboard_url: str = ""
+    client_address: str = ""
+    ray_token: str = Field(default="", description="only shown to the cluster's owner")
+    price_per_hour: str = "0"
+    created_at: float
+    ready_at: float | None = None
+    expires_at: float
+    ended_at: float | None = None
+    members: list[MemberOut] = Field(default_factory=list)
+    events: list[ClusterEventOut] = Field(default_factory=list)
+    timings: dict[str, float] = Field(default_factory=dict)
+    spec: dict[str, object] = Field(default_factory=dict)

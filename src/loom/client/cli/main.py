@@ -6,7 +6,18 @@ from typing import Annotated
 
 import typer
 
-from loom.client.cli import cluster, keys, nodes
+from loom.client.cli import (
+    cluster,
+    credits,
+    earnings,
+    evidence,
+    forward,
+    job,
+    keys,
+    ledger,
+    market,
+    nodes,
+)
 from loom.client.cli.common import Globals
 
 app = typer.Typer(
@@ -35,3 +46,12 @@ def main_options(
 app.add_typer(keys.app, name="key")
 app.add_typer(cluster.app, name="cluster")
 app.command("nodes")(nodes.nodes)
+app.add_typer(credits.app, name="credits")
+app.command("offers")(market.offers)
+app.command("quote")(market.quote)
+app.command("earnings")(earnings.earnings)
+app.add_typer(earnings.payout_app, name="payout")
+app.add_typer(ledger.app, name="ledger")
+app.add_typer(evidence.app, name="evidence")
+cluster.app.command("forward")(forward.forward)
+app.add_typer(job.app, name="job")

@@ -1,7 +1,8 @@
 """The agent WebSocket: signed handshake, then typed messages both ways.
 
-Garbage (non-JSON, unknown types, wrong shapes, binary or oversized frames) closes the
-socket with code 4003 and a reason; a bad signature with 4001; an old protocol with 4002.
+Garbage (non-JSON, unknown types, wrong shapes, oversized frames, binary frames that are
+not tunnel frames of `loom.protocol.tunnel`) closes the socket with code 4003 and a
+reason; a bad signature with 4001; an old protocol with 4002.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from loom.coordinator import tunnel
 from loom.coordinator.api.deps import get_state
 from loom.coordinator.hub import AgentConnection
 from loom.coordinator.services import nodes as node_service
@@ -38,6 +40,7 @@ from loom.protocol.messages import (
     Welcome,
     agent_message_adapter,
 )
+from loom.protocol.tunnel import TunnelProtocolError
 from loom.protocol.version import MIN_AGENT_PROTOCOL, PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -55,10 +58,18 @@ class _Refuse(Exception):
 
 
 async def _receive_json(ws: WebSocket) -> object:
+    return (await _receive_timed(ws))[1]
+
+
+async def _receive_timed(ws: WebSocket, *, binary: bool = False) -> tuple[float, object]:
+    """The next frame, parsed, with `time.monotonic()` taken as it arrived (before parsing)."""
     message = await ws.receive()
+    received_at = time.monotonic()
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     text = message.get("text")
+    if text is None and binary and message.get("bytes") is not None:
+        return received_at, bytes(message["bytes"])  # a tunnel frame (loom.protocol.tunnel)
     if text is None:
         raise _Refuse(
             CLOSE_BAD_MESSAGE, "binary frames are not part of the protocol; send JSON text"
@@ -66,7 +77,7 @@ async def _receive_json(ws: WebSocket) -> object:
     if len(text) > MAX_FRAME_BYTES:
         raise _Refuse(CLOSE_BAD_MESSAGE, "frame too large")
     try:
-        return json.loads(text)
+        return received_at, json.loads(text)
     except ValueError:
         raise _Refuse(CLOSE_BAD_MESSAGE, "frame is not valid JSON") from None
 
@@ -98,6 +109,7 @@ async def agent_ws(ws: WebSocket) -> None:
         # A dropped connection is not yet an offline node: the watchdog decides that
         # when heartbeats stop, so a quick reconnect keeps the node's members.
         if conn is not None:
+            tunnel.connection_closed(conn)
             state.hub.detach(conn)
 
 
@@ -146,7 +158,13 @@ async def _handshake(state: CoordinatorState, ws: WebSocket) -> AgentConnection:
 async def _serve(state: CoordinatorState, ws: WebSocket, conn: AgentConnection) -> None:
     hub = state.hub
     while True:
-        raw = await _receive_json(ws)
+        received_at, raw = await _receive_timed(ws, binary=True)
+        if isinstance(raw, bytes):
+            try:
+                await tunnel.link_for(conn).on_frame(raw)
+            except TunnelProtocolError as exc:
+                raise _Refuse(CLOSE_BAD_MESSAGE, f"bad tunnel frame: {exc}") from None
+            continue
         try:
             msg = agent_message_adapter.validate_python(raw)
         except ValidationError as exc:
@@ -159,7 +177,7 @@ async def _serve(state: CoordinatorState, ws: WebSocket, conn: AgentConnection) 
         elif isinstance(msg, Ack):
             conn.resolve(msg)
         elif isinstance(msg, Report):
-            await hub.dispatch_report(conn.node_id, msg)
+            await hub.dispatch_report(conn.node_id, msg, received_at)
         elif isinstance(msg, InventoryUpdate):
             async with state.session() as session:
                 node = await node_service.get_node(session, conn.node_id)

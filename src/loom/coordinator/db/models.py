@@ -240,3 +240,78 @@ class MemberMeter(Base):
     #: accrued but never covered (the escrow ran dry); written off at close
     written_off_micro: Mapped[int] = mapped_column(BigInteger, default=0)
     closed: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+# --------------------------------------------------------------------------- verification
+# (issue 5; migration 0004). Every hardware challenge's outcome, and fraud evidence.
+
+
+class DeviceChallenge(Base):
+    """One hardware challenge of one device, with the figures behind its verdict.
+
+    ``outcome``: passed | failed | error (transport trouble, e.g. the agent disconnected:
+    not held against the device) | interrupted (the device got work mid re-challenge).
+    """
+
+    __tablename__ = "device_challenges"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    challenge_id: Mapped[str] = mapped_column(String(64), unique=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    device_class: Mapped[str] = mapped_column(String(64))
+    trigger: Mapped[str] = mapped_column(String(16), default="initial")
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float] = mapped_column(Float)
+    #: seconds on the coordinator's monotonic clock from start to verdict
+    duration_s: Mapped[float] = mapped_column(Float, default=0.0)
+    outcome: Mapped[str] = mapped_column(String(16))
+    passed: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    measured_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    required_rate: Mapped[float] = mapped_column(Float, default=0.0)
+    openings_checked: Mapped[int] = mapped_column(Integer, default=0)
+    openings_failed: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (
+        Index("ix_device_challenges_device", "device_id", "started_at"),
+        Index("ix_device_challenges_node", "node_id", "started_at"),
+    )
+
+
+class ChallengeEvidence(Base):
+    """A wrong tile digest under a root the node signed: re-checkable offline by anyone."""
+
+    __tablename__ = "challenge_evidence"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    challenge_id: Mapped[str] = mapped_column(String(64), index=True)
+    node_id: Mapped[str] = mapped_column(String(32), index=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    node_key: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    #: the Evidence JSON exactly as `loom evidence verify` reads it
+    evidence_json: Mapped[str] = mapped_column(Text)
+
+
+# --------------------------------------------------------------------------- explorer
+# (issue 7; migration 0005). What the explorer's 24 h utilization chart is drawn from.
+
+
+class UtilizationSample(Base):
+    """The network's supply and use at one moment (written every minute, kept 7 days).
+
+    Supply counts present devices of online nodes (``available`` or ``allocated``): GPUs
+    one unit each, CPUs by core.
+    """
+
+    __tablename__ = "utilization_samples"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    nodes_online: Mapped[int] = mapped_column(Integer, default=0)
+    gpu_total: Mapped[int] = mapped_column(Integer, default=0)
+    gpu_allocated: Mapped[int] = mapped_column(Integer, default=0)
+    cpu_total: Mapped[int] = mapped_column(Integer, default=0)
+    cpu_allocated: Mapped[int] = mapped_column(Integer, default=0)
+    heartbeats_per_s: Mapped[float] = mapped_column(Float, default=0.0)

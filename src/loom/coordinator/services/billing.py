@@ -59,7 +59,7 @@ async def escrow_for(session: AsyncSession, cluster_id: str, duration_s: int) ->
     rows = await session.execute(
         select(Member.price_micro, Member.units).where(Member.cluster_id == cluster_id)
     )
-    return sum(escrow_needed(int(p), int(u), duration_s) for p, u in rows.tuples())
+    return sum(escrow_needed(int(p), int(u), duration_s) for p, u in rows)
 
 
 async def hold_for_cluster(
@@ -126,7 +126,7 @@ async def _meter_members(
             Cluster.state.in_(METERED_STATES)
         )
     out: dict[str, list[_Metered]] = defaultdict(list)
-    for member, owner, meter in (await session.execute(stmt)).tuples():
+    for member, owner, meter in await session.execute(stmt):
         assert member.ready_at is not None
         if meter is None:
             meter = MemberMeter(
@@ -246,9 +246,7 @@ def _fmt_left(seconds: int) -> str:
     return f"{seconds}s"
 
 
-async def exhausted_clusters(
-    session: AsyncSession, now: float, warn_s: float = 900.0
-) -> list[str]:
+async def exhausted_clusters(session: AsyncSession, now: float, warn_s: float = 900.0) -> list[str]:
     """Clusters whose escrow cannot pay one more second; warn (in `reason`) those running low.
 
     Call right after `meter_and_settle` with the same ``now``. The caller commits and
@@ -266,16 +264,14 @@ async def exhausted_clusters(
     owed: dict[str, int] = defaultdict(int)
     carry: dict[str, int] = defaultdict(int)
     clusters: dict[str, Cluster] = {}
-    for cluster, member, meter in rows.tuples():
+    for cluster, member, meter in rows:
         clusters[cluster.id] = cluster
         if member.ready_at is not None and member.ended_at is None:
             burn[cluster.id] += member.price_micro * member.units
         if meter is not None:
             owed[cluster.id] += unsettled(meter)
             carry[cluster.id] = min(SECONDS_PER_HOUR - 1, carry[cluster.id] + meter.carry)
-    escrows = await ledger.balances_of(
-        session, [core.escrow_account(cid) for cid in clusters]
-    )
+    escrows = await ledger.balances_of(session, [core.escrow_account(cid) for cid in clusters])
     out: list[str] = []
     for cid, cluster in clusters.items():
         if not burn[cid]:
@@ -294,7 +290,8 @@ async def exhausted_clusters(
                 f"{WARN_PREFIX} {_fmt_left(left)}: {format_credits(escrow)} credits left at "
                 f"{format_credits(burn[cid])}/h; the cluster is torn down when it is spent"
             )
-            if cluster.reason != warning:
+            # A reason the healer acts on ("degraded…") is kept; the warning waits.
+            if cluster.reason != warning and not cluster.reason.startswith("degraded"):
                 cluster.reason = warning
     return out
 
@@ -309,7 +306,7 @@ async def escrowed_by(session: AsyncSession, owner: str) -> int:
         .join(Cluster, AccountBalance.account == literal("escrow:") + Cluster.id)
         .where(Cluster.owner_key == owner)
     )
-    return sum(int(b) for (b,) in rows.tuples())
+    return sum(int(b) for (b,) in rows)
 
 
 @dataclass
@@ -333,7 +330,7 @@ async def earnings(
     )
     nodes: dict[str, EarningLine] = {}
     clusters: dict[str, EarningLine] = {}
-    for member, node_name, meter in rows.tuples():
+    for member, node_name, meter in rows:
         assert member.ready_at is not None
         since = meter.metered_until if meter is not None else member.ready_at
         closed = meter is not None and meter.closed
@@ -354,3 +351,24 @@ async def earnings(
     return sorted(nodes.values(), key=lambda x: x.key), sorted(
         clusters.values(), key=lambda x: x.key
     )
+
+
+async def clusters_to_meter(session: AsyncSession) -> list[str]:
+    """Clusters with at least one member that became ready and may still be accruing."""
+    rows = await session.execute(
+        select(Member.cluster_id)
+        .join(Cluster, Cluster.id == Member.cluster_id)
+        .where(Cluster.state.in_(METERED_STATES), Member.ready_at.is_not(None))
+        .distinct()
+    )
+    return sorted(rows.scalars())
+
+
+async def ended_with_escrow(session: AsyncSession) -> list[str]:
+    """Ended clusters that still hold escrow (a teardown interrupted before its refund)."""
+    rows = await session.execute(
+        select(Cluster.id)
+        .join(AccountBalance, AccountBalance.account == literal("escrow:") + Cluster.id)
+        .where(Cluster.state.in_(("terminated", "failed")), AccountBalance.balance_micro > 0)
+    )
+    return sorted(rows.scalars())

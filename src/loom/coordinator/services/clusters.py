@@ -16,8 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from loom.coordinator.db.models import Allocation, Cluster, ClusterEvent, Device, Member, Node
 from loom.coordinator.errors import BadRequest, Conflict, NotFound
-from loom.coordinator.services import allocation
+from loom.coordinator.metrics import timed_placement
+from loom.coordinator.services import allocation, billing
 from loom.coordinator.services import nodes as node_service
+from loom.coordinator.services.reliability import scores_now
 from loom.core.catalog import CPU_MODEL
 from loom.core.models import ClusterState, MemberState, NodeState
 from loom.core.money import format_credits
@@ -82,6 +84,7 @@ def transition(
     return True
 
 
+@timed_placement
 async def placement_for(
     session: AsyncSession,
     spec: ClusterSpec,
@@ -93,7 +96,11 @@ async def placement_for(
 ) -> PlacementPlan | PlacementFailure:
     req = requirement_from_spec(spec)
     index = await allocation.build_index(
-        session, req, require_verified=require_verified, connected=connected
+        session,
+        req,
+        require_verified=require_verified,
+        connected=connected,
+        reliability=await scores_now(session, sorted(connected)),
     )
     return place(req, nodes, index, exclude_nodes=exclude_nodes)
 
@@ -167,6 +174,7 @@ async def _reserve_plan(
     await session.flush()
     for member_plan in plan.members:
         await add_member(session, cluster, member_plan, now)
+    await billing.hold_for_cluster(session, cluster, spec, now)
     transition(
         session,
         cluster,

@@ -53,8 +53,22 @@ class HeartbeatBuffer:
         pending, self._pending = self._pending, {}
         return pending
 
+    def restore(self, taken: dict[str, _Pending]) -> None:
+        """Put back beats whose write failed; a node's newer beat keeps its time and load."""
+        for node_id, old in taken.items():
+            entry = self._pending.get(node_id)
+            if entry is None:
+                self._pending[node_id] = old
+            else:
+                entry.count += old.count
+
     async def flush(self, session: AsyncSession) -> int:
-        """Write buffered heartbeats in one statement; returns how many nodes were updated."""
+        """Write buffered heartbeats in one statement; returns how many nodes were updated.
+
+        If the write fails (pool timeout, database locked), the beats go back into the
+        buffer for the next flush instead of being lost: a lost flush leaves
+        `last_heartbeat_at` stale and the watchdog would take live nodes offline.
+        """
         pending = self.take()
         if not pending:
             return 0
@@ -72,6 +86,10 @@ class HeartbeatBuffer:
             {"b_id": node_id, "b_at": p.at, "b_n": p.count, "b_load": p.load_json}
             for node_id, p in pending.items()
         ]
-        conn = await session.connection()
-        await conn.execute(stmt, rows)
+        try:
+            conn = await session.connection()
+            await conn.execute(stmt, rows)
+        except BaseException:
+            self.restore(pending)
+            raise
         return len(rows)

@@ -18,6 +18,7 @@ import json
 import queue
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -88,7 +89,7 @@ _TXN_COLUMNS = (
     LedgerTransaction.prev_hash,
     LedgerTransaction.hash,
 )
-_TxnRow = tuple[int, str, str, int, str, str, str]
+_TxnRow = Sequence[Any]
 
 
 def _txn(row: _TxnRow, entries: Iterable[tuple[str, int]]) -> Transaction:
@@ -111,14 +112,10 @@ async def get_by_key(session: AsyncSession, key: str) -> Transaction | None:
     ).first()
     if row is None:
         return None
-    entries = (
-        await session.execute(
-            select(LedgerEntry.account, LedgerEntry.amount_micro).where(
-                LedgerEntry.txn_seq == row[0]
-            )
-        )
-    ).tuples()
-    return _txn(row._tuple(), entries)
+    entries = await session.execute(
+        select(LedgerEntry.account, LedgerEntry.amount_micro).where(LedgerEntry.txn_seq == row[0])
+    )
+    return _txn(row, entries)
 
 
 async def balances_of(session: AsyncSession, accounts: Sequence[str]) -> dict[str, int]:
@@ -129,7 +126,7 @@ async def balances_of(session: AsyncSession, accounts: Sequence[str]) -> dict[st
             AccountBalance.account.in_(list(accounts))
         )
     )
-    return {a: int(b) for a, b in rows.tuples()}
+    return {a: int(b) for a, b in rows}
 
 
 async def balance(session: AsyncSession, account: str) -> int:
@@ -228,7 +225,7 @@ async def iter_chunks(
     while left is None or left > 0:
         size = chunk if left is None else min(chunk, left)
         rows: list[_TxnRow] = [
-            r._tuple()
+            r
             for r in await session.execute(
                 select(*_TXN_COLUMNS)
                 .where(LedgerTransaction.seq > after)
@@ -245,7 +242,7 @@ async def iter_chunks(
                 LedgerEntry.txn_seq >= first, LedgerEntry.txn_seq <= last
             )
         )
-        for seq, account, amount in entries.tuples():
+        for seq, account, amount in entries:
             by_seq.setdefault(int(seq), []).append((account, int(amount)))
         yield [_txn(r, by_seq.get(int(r[0]), ())) for r in rows]
         after = last
@@ -332,7 +329,7 @@ async def verify(session: AsyncSession) -> VerifyResult:
         a: int(b)
         for a, b in (
             await session.execute(select(AccountBalance.account, AccountBalance.balance_micro))
-        ).tuples()
+        )
     }
     failure = str(report.failure) if report.failure else None
     if failure is None:
@@ -372,10 +369,10 @@ async def history(
     )
     if before is not None:
         stmt = stmt.where(LedgerEntry.txn_seq < before)
-    hits = list((await session.execute(stmt)).tuples())
+    hits = list(await session.execute(stmt))
     seqs = sorted({int(s) for s, _, _ in hits})
     rows: dict[int, _TxnRow] = {
-        int(r[0]): r._tuple()
+        int(r[0]): r
         for r in await session.execute(select(*_TXN_COLUMNS).where(LedgerTransaction.seq.in_(seqs)))
     }
     out = []

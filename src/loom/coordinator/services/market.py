@@ -42,7 +42,7 @@ async def live_offers(
     if models is not None:
         stmt = stmt.where(Device.model.in_(sorted(models)))
     grouped: dict[tuple[str, str], list[tuple[Device, Node]]] = defaultdict(list)
-    for dev, node in (await session.execute(stmt)).tuples():
+    for dev, node in await session.execute(stmt):
         if connected is not None and node.id not in connected:
             continue
         grouped[(node.id, dev.model)].append((dev, node))
@@ -136,7 +136,7 @@ async def refresh_auto_prices(session: AsyncSession) -> int:
     models: dict[str, Counter[str]] = defaultdict(Counter)
     price: dict[str, int] = {}
     auto: set[str] = set()
-    for node_id, price_micro, price_auto, model in rows.tuples():
+    for node_id, price_micro, price_auto, model in rows:
         models[node_id][model] += 1
         price[node_id] = int(price_micro)
         if price_auto:
@@ -156,8 +156,6 @@ async def refresh_auto_prices(session: AsyncSession) -> int:
     for node_id in sorted(auto):
         median = median_price(fixed.get(primary(node_id), []))
         if median is not None and median != price[node_id]:
-            await session.execute(
-                update(Node).where(Node.id == node_id).values(price_micro=median)
-            )
+            await session.execute(update(Node).where(Node.id == node_id).values(price_micro=median))
             changed += 1
     return changed

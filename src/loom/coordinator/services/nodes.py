@@ -6,6 +6,7 @@ Every function takes the database session explicitly; the caller commits.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from loom.coordinator.db.models import Device, Node, NodeEvent
 from loom.coordinator.errors import BadRequest, NotFound
+from loom.coordinator.services.reliability import node_scores
 from loom.core.models import DeviceKind, DeviceState, NodeState
 from loom.core.money import AmountError, format_credits, parse_credits
 from loom.protocol.api import DeviceOut, NodeOut, NodeUpdate
@@ -202,7 +204,11 @@ async def list_nodes(
         query = query.where(Node.state == state)
     nodes = list((await session.execute(query)).scalars())
     devices = await devices_by_node(session, [n.id for n in nodes])
-    return [node_out(n, devices.get(n.id, [])) for n in nodes]
+    scores = await node_scores(session, [n.id for n in nodes], now=time.time())
+    return [
+        node_out(n, devices.get(n.id, [])).model_copy(update={"reliability": scores[n.id]})
+        for n in nodes
+    ]
 
 
 async def devices_by_node(session: AsyncSession, ids: Sequence[str]) -> dict[str, list[Device]]:

@@ -1,0 +1,120 @@
+"""The challenger loop: unannounced re-challenges of idle devices, and retries.
+
+A reconciler over the devices of the nodes connected to this replica (each replica drives
+only its own agents, so replicas never challenge the same device):
+
+* **claimed** devices (never decided, e.g. the coordinator restarted mid-challenge, or a
+  challenge errored because the agent dropped) are challenged, after a backoff that
+  doubles with each error in a row;
+* **failed** devices are retried after ``failed_retry_s``, within the class's
+  ``retries_per_day`` (an honest but briefly loaded machine gets another chance);
+* **verified**, idle devices (no units allocated, node ``available``) are re-challenged at
+  random: a Poisson process with mean interval ``duration / budget``, where ``duration`` is
+  the device's last measured challenge time. The expected fraction of the device's time
+  spent proving itself is then below ``budget`` (1 % by default) and the prover cannot
+  predict when the next challenge comes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy import select
+
+from loom.coordinator.challenger import Challenger, Plan
+from loom.coordinator.db.models import Node
+from loom.coordinator.services import verification as vsvc
+from loom.core.challenge import params_for
+from loom.core.models import DeviceState, NodeState
+
+Random = Callable[[], float]
+
+
+def recheck_probability(dt: float, duration_s: float, budget: float) -> float:
+    """P(at least one re-challenge in ``dt`` s) for a Poisson process of mean
+    ``duration_s / budget`` between challenges."""
+    mean = max(duration_s, 1e-3) / max(budget, 1e-9)
+    return 1.0 - math.exp(-max(0.0, dt) / mean)
+
+
+async def challenger_step(
+    challenger: Challenger, now: float | None = None, rng: Random = random.random
+) -> dict[str, Plan]:
+    """Decide which devices to challenge now and start them; returns the plans started."""
+    state, cfg = challenger.state, challenger.config
+    now = time.time() if now is None else now
+    last = challenger.last_tick
+    dt = cfg.loop_s if last is None else min(max(0.0, now - last), 10 * cfg.loop_s)
+    challenger.last_tick = now
+    connected = [n for n in state.hub.connections if not challenger.node_busy(n)]
+    if not connected:
+        return {}
+    async with state.session() as session:
+        nodes = {
+            n.id: n
+            for n in (
+                await session.execute(
+                    select(Node).where(Node.id.in_(connected), Node.state != NodeState.BANNED.value)
+                )
+            ).scalars()
+        }
+        devices = await vsvc.present_devices(session, list(nodes))
+        hist = await vsvc.recent_history(session, [d.id for d in devices], now)
+    plans: dict[str, Plan] = {}
+    for dev in devices:
+        node = nodes[dev.node_id]
+        cls = vsvc.device_class_for(dev, cfg)
+        if cls is None:
+            continue
+        params = params_for(cls)
+        h = hist.get(dev.id)
+        trigger: str | None = None
+        if dev.state == DeviceState.CLAIMED.value:
+            if h is None:
+                trigger = "initial"
+            elif h.attempts_24h < params.retries_per_day:
+                wait = 0.0
+                if h.last_outcome == "error":
+                    wait = min(
+                        cfg.error_retry_max_s, cfg.error_retry_s * 2 ** (h.errors_in_a_row - 1)
+                    )
+                if now - h.last_ended_at >= wait:
+                    trigger = "retry"
+        elif dev.state == DeviceState.FAILED.value:
+            if h is None or (
+                h.attempts_24h < params.retries_per_day
+                and now - h.last_ended_at >= cfg.failed_retry_s
+            ):
+                trigger = "retry"
+        elif (
+            dev.state == DeviceState.VERIFIED.value
+            and dev.allocated_units == 0
+            and node.state == NodeState.AVAILABLE.value
+        ):
+            duration = (
+                (h.last_pass_duration_s if h is not None else None)
+                or challenger.durations.get(dev.id)
+                or params.expected_duration_s
+            )
+            if rng() < recheck_probability(dt, duration, cfg.budget):
+                trigger = "recheck"
+        if trigger is not None:
+            plans.setdefault(dev.node_id, []).append((dev.id, trigger))
+    for node_id, node in nodes.items():
+        if node_id in plans:
+            challenger.schedule(node_id, plans[node_id])
+        elif node.state == NodeState.VERIFYING.value:
+            await challenger.promote(node_id)
+    return plans
+
+
+def challenger_loop(challenger: Challenger) -> Callable[[], Awaitable[None]]:
+    """The step to hand to ``CoordinatorState.spawn_loop``."""
+
+    async def step() -> None:
+        await challenger_step(challenger)
+
+    return step

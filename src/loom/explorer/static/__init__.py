@@ -1,0 +1,1 @@
+"""Explorer static assets (package data)."""
