@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from decimal import Decimal
 
 from loom.client.cli.common import console
 from loom.client.sdk import LoomClient, LoomError
@@ -21,6 +22,10 @@ def run_demo(client: LoomClient, agents: int) -> int:
     console.rule("[bold]demo: a Ray cluster on the local agents")
     t0 = time.monotonic()
     try:
+        balance = client.balance()
+        if Decimal(balance.balance) < 10:
+            client.deposit("100")  # the embedded coordinator runs a faucet
+            console.print("deposited 100 credits from the embedded faucet")
         cluster = client.create_cluster(
             {"name": name, "nodes": nodes, "resources": {"cpus": 1}, "duration": "15m"}
         )

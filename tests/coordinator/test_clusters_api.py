@@ -7,10 +7,11 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from support.fakeagent import FakeAgents
+from support.fakeagent import FakeAgents, force_available
 from support.servers import CoordinatorThread, wait_for
 
 from loom.client.sdk import LoomAPIError, LoomClient
+from loom.coordinator.db.models import Node
 from loom.protocol.identity import KeyPair
 
 
@@ -19,16 +20,50 @@ def _funded(client: LoomClient) -> None:
     client.request("POST", "/v1/credits/deposit", json={"amount": "1000"})
 
 
+class Fakes:
+    """Fake agents whose devices are marked verified (they run no prover)."""
+
+    def __init__(self, coordinator: CoordinatorThread) -> None:
+        self.coordinator = coordinator
+        self.agents = FakeAgents(coordinator.url)
+        self.started = self.agents.started
+        self.stopped = self.agents.stopped
+
+    @property
+    def on_start(self) -> object:
+        return self.agents.on_start
+
+    @on_start.setter
+    def on_start(self, fn: object) -> None:
+        self.agents.on_start = fn  # type: ignore[assignment]
+
+    def add(self, name: str, **kw: object) -> str:
+        node = self.agents.add(name, **kw)  # type: ignore[arg-type]
+        # Let the connect hooks settle (they move a new node to `verifying`) first.
+        wait_for(lambda: self._state(node.node_id) == "verifying", 10, "verifying")
+        self.coordinator.run_coro(force_available(self.coordinator.state.sessions, [node.node_id]))
+        return node.node_id
+
+    def _state(self, node_id: str) -> str | None:
+        async def read() -> str | None:
+            async with self.coordinator.state.sessions() as session:
+                node = await session.get(Node, node_id)
+                return None if node is None else node.state
+
+        result: str | None = self.coordinator.run_coro(read())
+        return result
+
+
 @pytest.fixture
-def fakes(coordinator: CoordinatorThread) -> Iterator[FakeAgents]:
-    agents = FakeAgents(coordinator.url)
+def fakes(coordinator: CoordinatorThread) -> Iterator[Fakes]:
+    agents = Fakes(coordinator)
     try:
         yield agents
     finally:
-        agents.close()
+        agents.agents.close()
 
 
-def test_cluster_lifecycle_with_fake_agents(client: LoomClient, fakes: FakeAgents) -> None:
+def test_cluster_lifecycle_with_fake_agents(client: LoomClient, fakes: Fakes) -> None:
     for i in range(3):
         fakes.add(f"f{i}", price=f"0.3{i}")
     cluster = client.create_cluster({"name": "c1", "nodes": 3, "resources": {"cpus": 1}})
@@ -66,7 +101,7 @@ def test_cluster_lifecycle_with_fake_agents(client: LoomClient, fakes: FakeAgent
     ],
 )
 def test_invalid_specs_fail_before_anything_is_reserved(
-    client: LoomClient, fakes: FakeAgents, spec: dict[str, object], needle: str
+    client: LoomClient, fakes: Fakes, spec: dict[str, object], needle: str
 ) -> None:
     fakes.add("f0")
     with pytest.raises(LoomAPIError) as info:
@@ -77,7 +112,7 @@ def test_invalid_specs_fail_before_anything_is_reserved(
     assert {n.state for n in client.nodes()} == {"available"}
 
 
-def test_unplaceable_spec_says_what_binds(client: LoomClient, fakes: FakeAgents) -> None:
+def test_unplaceable_spec_says_what_binds(client: LoomClient, fakes: Fakes) -> None:
     fakes.add("f0", price="0.5")
     fakes.add("f1", price="0.5")
     with pytest.raises(LoomAPIError) as info:
@@ -91,7 +126,7 @@ def test_unplaceable_spec_says_what_binds(client: LoomClient, fakes: FakeAgents)
 
 
 def test_two_users_racing_for_the_last_device(
-    coordinator: CoordinatorThread, fakes: FakeAgents
+    coordinator: CoordinatorThread, fakes: Fakes
 ) -> None:
     fakes.add("only")
     results: list[object] = []
@@ -115,7 +150,7 @@ def test_two_users_racing_for_the_last_device(
     assert len(losers) == 5 and all(e.code in ("no_capacity", "busy") for e in losers)
 
 
-def test_worker_failing_to_start_is_replaced(client: LoomClient, fakes: FakeAgents) -> None:
+def test_worker_failing_to_start_is_replaced(client: LoomClient, fakes: Fakes) -> None:
     for i in range(4):
         fakes.add(f"f{i}", price=f"0.{i + 1}")
     failed_once: list[str] = []
@@ -136,7 +171,7 @@ def test_worker_failing_to_start_is_replaced(client: LoomClient, fakes: FakeAgen
     assert lost.id == failed_once[0] and "failed to start" in lost.reason
 
 
-def test_no_replacement_fails_cluster_with_reason(client: LoomClient, fakes: FakeAgents) -> None:
+def test_no_replacement_fails_cluster_with_reason(client: LoomClient, fakes: Fakes) -> None:
     for i in range(2):
         fakes.add(f"f{i}")
     fakes.on_start = lambda args: None if args["role"] == "worker" else {"gcs_address": "127.0.0.2:1"}
@@ -148,7 +183,7 @@ def test_no_replacement_fails_cluster_with_reason(client: LoomClient, fakes: Fak
 
 
 def test_other_users_cannot_see_or_delete_my_cluster(
-    coordinator: CoordinatorThread, client: LoomClient, fakes: FakeAgents
+    coordinator: CoordinatorThread, client: LoomClient, fakes: Fakes
 ) -> None:
     fakes.add("f0")
     mine = client.create_cluster({"name": "mine", "nodes": 1, "resources": {"cpus": 1}})

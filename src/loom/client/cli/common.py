@@ -22,8 +22,9 @@ from loom.client.config import ClientConfig
 from loom.client.sdk import LoomAPIError, LoomClient, LoomConnectionError, LoomError
 from loom.protocol.identity import IdentityError
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (logs, CI, `| less`) gets a wide console instead of rich's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 EXIT_API = 1
 EXIT_USAGE = 2

@@ -6,6 +6,7 @@ import time
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from loom.client.cli.common import ago, client_for, console, print_json, styled_state
@@ -30,7 +31,7 @@ def nodes(
 
 def nodes_table(rows: list[NodeOut]) -> Table:
     now = time.time()
-    table = Table(title=f"{len(rows)} node(s)", title_justify="left")
+    table = Table(title=f"{len(rows)} node(s)", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("id", no_wrap=True, min_width=14)
     table.add_column("name", no_wrap=True)
     table.add_column("state", no_wrap=True)
