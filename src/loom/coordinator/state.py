@@ -26,6 +26,10 @@ class CoordinatorState:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     background: set[asyncio.Task[None]] = field(default_factory=set)
     driving: set[str] = field(default_factory=set)
+    #: One heartbeat flush at a time (the flusher loop and the watchdog both flush).
+    flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: At most this many handshakes write to the database at once.
+    handshake_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
     started_at: float = 0.0
 
     @contextlib.asynccontextmanager

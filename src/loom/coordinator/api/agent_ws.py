@@ -136,7 +136,9 @@ async def _handshake(state: CoordinatorState, ws: WebSocket) -> AgentConnection:
         raise _Refuse(CLOSE_BAD_MESSAGE, _describe(exc)) from None
     reg = check_auth(auth, nonce, default_price_micro=DEFAULT_PRICE_MICRO)
     now = time.time()
-    async with state.session() as session:
+    # Bounded: a reconnect storm must not take every pooled connection from the
+    # heartbeat flush and the watchdog.
+    async with state.handshake_slots, state.session() as session:
         node = await node_service.register(session, reg, now)
         if node.state == NodeState.BANNED.value:
             await session.rollback()

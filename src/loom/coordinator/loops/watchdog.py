@@ -29,10 +29,8 @@ _WATCHED = (
 async def flush_heartbeats(state: CoordinatorState) -> int:
     if not len(state.hub.heartbeats):
         return 0
-    async with state.session() as session:
-        n = await state.hub.heartbeats.flush(session)
-        await session.commit()
-        return n
+    async with state.flush_lock, state.session() as session:
+        return await state.hub.heartbeats.flush(session)
 
 
 async def watchdog_step(state: CoordinatorState, now: float | None = None) -> list[str]:
@@ -50,7 +48,12 @@ async def watchdog_step(state: CoordinatorState, now: float | None = None) -> li
         if session.bind is not None and session.bind.dialect.name == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True)
         for node in (await session.execute(stmt)).scalars():
-            gap = now - (node.last_heartbeat_at or now)
+            seen = state.hub.heartbeats.last_seen(node.id)
+            if seen is not None and seen >= cutoff:
+                # This replica heard from it recently: the database is only behind
+                # (a slow flush), the node is alive. Never take a live node offline.
+                continue
+            gap = now - max(node.last_heartbeat_at or now, seen or 0.0)
             node_service.transition(
                 session, node, NodeState.OFFLINE, f"no heartbeat for {gap:.1f} s", now
             )

@@ -63,7 +63,7 @@ class HeartbeatBuffer:
                 entry.count += old.count
 
     async def flush(self, session: AsyncSession) -> int:
-        """Write buffered heartbeats in one statement; returns how many nodes were updated.
+        """Write and commit buffered heartbeats in one statement; returns how many nodes.
 
         If the write fails (pool timeout, database locked), the beats go back into the
         buffer for the next flush instead of being lost: a lost flush leaves
@@ -89,6 +89,7 @@ class HeartbeatBuffer:
         try:
             conn = await session.connection()
             await conn.execute(stmt, rows)
+            await session.commit()
         except BaseException:
             self.restore(pending)
             raise
