@@ -34,7 +34,7 @@ demo: venv
 
 test: venv
 	LOOM_TEST_DB=sqlite $(BIN)/pytest -q -p no:cacheprovider
-	LOOM_TEST_DB=$(LOOM_TEST_PG) $(BIN)/pytest -q -p no:cacheprovider -m "not sqlite_only" tests/coordinator tests/integration
+	LOOM_TEST_DB=$(LOOM_TEST_PG) $(BIN)/pytest -q -p no:cacheprovider tests/coordinator tests/integration tests/client tests/explorer
 
 lint: venv
 	$(BIN)/ruff check src tests bench
