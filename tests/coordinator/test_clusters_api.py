@@ -7,12 +7,12 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from support.fakeagent import FakeAgents, force_available
-from support.servers import CoordinatorThread, wait_for
 
 from loom.client.sdk import LoomAPIError, LoomClient
 from loom.coordinator.db.models import Node
 from loom.protocol.identity import KeyPair
+from support.fakeagent import FakeAgents, force_available
+from support.servers import CoordinatorThread, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -125,9 +125,7 @@ def test_unplaceable_spec_says_what_binds(client: LoomClient, fakes: Fakes) -> N
     assert client.clusters(all_states=True) == []
 
 
-def test_two_users_racing_for_the_last_device(
-    coordinator: CoordinatorThread, fakes: Fakes
-) -> None:
+def test_two_users_racing_for_the_last_device(coordinator: CoordinatorThread, fakes: Fakes) -> None:
     fakes.add("only")
     results: list[object] = []
 
@@ -174,7 +172,9 @@ def test_worker_failing_to_start_is_replaced(client: LoomClient, fakes: Fakes) -
 def test_no_replacement_fails_cluster_with_reason(client: LoomClient, fakes: Fakes) -> None:
     for i in range(2):
         fakes.add(f"f{i}")
-    fakes.on_start = lambda args: None if args["role"] == "worker" else {"gcs_address": "127.0.0.2:1"}
+    fakes.on_start = lambda args: (
+        None if args["role"] == "worker" else {"gcs_address": "127.0.0.2:1"}
+    )
     client.create_cluster({"name": "x", "nodes": 2, "resources": {"cpus": 1}})
     cluster = client.wait_cluster("x", timeout=20)
     assert cluster.state == "failed"
@@ -194,3 +194,15 @@ def test_other_users_cannot_see_or_delete_my_cluster(
         with pytest.raises(LoomAPIError):
             other.delete_cluster(mine.id)
         assert other.clusters(all_states=True) == []
+
+
+def test_cluster_expires_after_its_duration(client: LoomClient, fakes: Fakes) -> None:
+    fakes.add("f0")
+    client.create_cluster({"name": "short", "nodes": 1, "resources": {"cpus": 1}, "duration": "3s"})
+    assert client.wait_cluster("short", timeout=20).state == "running"
+    ended = wait_for(
+        lambda: (c := client.cluster("short")).state == "terminated" and c, 30, "expiry"
+    )
+    assert "duration expired" in [e.reason for e in ended.events]
+    assert fakes.stopped == [ended.members[0].id]
+    assert {n.state for n in client.nodes()} == {"available"}

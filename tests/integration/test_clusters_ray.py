@@ -12,15 +12,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.servers import AgentProcess, CoordinatorThread, wait_for
 
 from loom.client.sdk import LoomClient
 from loom.coordinator.config import Settings
 from loom.protocol.api import ClusterOut
+from support.servers import AgentProcess, CoordinatorThread, wait_for
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (make sysdeps)"),
+    pytest.mark.skipif(
+        shutil.which("bwrap") is None, reason="bubblewrap not installed (make sysdeps)"
+    ),
 ]
 
 
@@ -31,14 +33,18 @@ def settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def agents(coordinator: CoordinatorThread, client: LoomClient, tmp_path: Path) -> Iterator[list[AgentProcess]]:
+def agents(
+    coordinator: CoordinatorThread, client: LoomClient, tmp_path: Path
+) -> Iterator[list[AgentProcess]]:
     client.request("POST", "/v1/credits/deposit", json={"amount": "1000"})
     procs = [
         AgentProcess(tmp_path / f"agent{i}", coordinator.url, f"ray{i}", "--price", f"0.{i + 1}")
         for i in range(4)
     ]
     try:
-        wait_for(lambda: len([n for n in client.nodes() if n.state == "available"]) == 4, 120, "4 agents")
+        wait_for(
+            lambda: len([n for n in client.nodes() if n.state == "available"]) == 4, 120, "4 agents"
+        )
         yield procs
     finally:
         for p in procs:
@@ -71,7 +77,11 @@ def leftovers(tmp_path: Path, cluster: ClusterOut) -> tuple[list[int], list[Path
             continue
         if cluster.ray_token.encode() in blob or any(m.encode() in blob for m in member_ids):
             pids.append(int(entry.name))
-    dirs = [p for p in tmp_path.glob("agent*/agents/*/members/**/*") if any(m in str(p) for m in member_ids)]
+    dirs = [
+        p
+        for p in tmp_path.glob("agent*/agents/*/members/**/*")
+        if any(m in str(p) for m in member_ids)
+    ]
     return pids, dirs
 
 
@@ -130,3 +140,32 @@ def test_agent_killed_while_its_member_is_starting(
         assert cluster.state == "failed" and cluster.reason
     if cluster.state == "running":
         client.delete_cluster("k")
+
+
+def test_agent_drain_stops_its_members_and_the_cluster_heals(
+    client: LoomClient, agents: list[AgentProcess], tmp_path: Path
+) -> None:
+    client.create_cluster({"name": "drain", "nodes": 2, "resources": {"cpus": 1}})
+    cluster = client.wait_cluster("drain", timeout=150)
+    assert cluster.state == "running", cluster.reason
+    names = {n.id: n.name for n in client.nodes()}
+    worker = next(m for m in cluster.members if m.role == "worker")
+    victim = next(a for a in agents if a.name == names[worker.node_id])
+    victim.kill(signal.SIGTERM)
+    assert victim.wait(60) == 0
+    # The drained agent left nothing of its member behind ...
+    only_worker = cluster.model_copy(update={"members": [worker], "ray_token": "\0unused\0"})
+    pids, dirs = leftovers(tmp_path, only_worker)
+    assert pids == [] and dirs == [], (pids, dirs)
+    # ... and the coordinator replaced it on another node.
+    healed = wait_for(
+        lambda: (
+            (c := client.cluster("drain")).state == "running"
+            and sum(m.state == "ready" for m in c.members) == 2
+            and c
+        ),
+        120,
+        "the cluster to heal",
+    )
+    assert worker.id in {m.id for m in healed.members if m.state == "lost"}
+    client.delete_cluster("drain")

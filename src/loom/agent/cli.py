@@ -103,9 +103,7 @@ def start(
         sandbox = select_runtime(runtime)
     except SandboxError as exc:
         raise _fail(str(exc)) from None
-    agent = Agent(
-        config, node_key=node_key, owner_key=owner, probe=probe, runtimes=[sandbox.name]
-    )
+    agent = Agent(config, node_key=node_key, owner_key=owner, probe=probe, runtimes=[sandbox.name])
     try:
         agent_metrics.configure(metrics_port, metrics_host)
         asyncio.run(_run(agent, sandbox, config))
