@@ -146,7 +146,11 @@ class Agent:
 
     async def _session(self, backoff: Backoff) -> None:
         async with websockets.connect(
-            self.config.ws_url, max_size=MAX_FRAME_BYTES, open_timeout=10, ping_interval=20
+            self.config.ws_url,
+            max_size=MAX_FRAME_BYTES,
+            open_timeout=10,
+            ping_interval=20,
+            compression=None,
         ) as ws:
             welcome = await self._handshake(ws)
             self.node_id = welcome.node_id
