@@ -144,8 +144,8 @@ def main() -> int:
                 samples["task"].append(t_task)
             med = {k: statistics.median(v) for k, v in samples.items()}
             print(
-                f"{n:>5} {med['total']:>7.2f} {med['ready']:>7.2f} {med['place']:>7.3f} "
-                f"{med['deliver']:>8.3f} {med['head']:>7.2f} {med['workers']:>8.2f} "
+                f"{n:>5} {med['total']:>7.2f} {med['ready']:>7.2f} {med['place'] * 1000:>6.1f}ms "
+                f"{med['deliver'] * 1000:>6.1f}ms {med['head']:>7.2f} {med['workers']:>8.2f} "
                 f"{med['task']:>6.2f}"
             )
         print("total = ready + task; ready = `cluster up` until every member joined the head")

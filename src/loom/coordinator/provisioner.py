@@ -135,7 +135,7 @@ async def provision(state: CoordinatorState, cluster_id: str) -> None:
         if cluster is None or cluster.state != ClusterState.PROVISIONING.value:
             return
         members = await cluster_service.members_of(session, cluster_id)
-        timings["placement_s"] = cluster.state_changed_at - cluster.created_at
+        timings.update(cluster_service.timings_of(cluster))
     tried = {m.node_id for m in members}
     head = next((m for m in members if m.role == "head" and m.state != "lost"), None)
     workers = [m for m in members if m.role == "worker" and m.state in ("assigned", "starting")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from typing import Any
 
 from sqlalchemy import select
@@ -129,16 +130,21 @@ async def create_cluster(
             field="name",
         )
     for _attempt in range(5):
+        t_place = time.perf_counter()
         plan = await placement_for(
             session, spec, spec.nodes, connected=connected, require_verified=require_verified
         )
         if isinstance(plan, PlacementFailure):
             raise Conflict("no_capacity", plan.reason)
+        placed_s = time.perf_counter() - t_place
         try:
             cluster = await _reserve_plan(session, owner, name, spec, plan, now)
         except allocation.ReservationConflict:
             await session.rollback()
             continue
+        cluster.timings_json = json.dumps(
+            {"placement_s": placed_s, "reserve_s": time.perf_counter() - t_place - placed_s}
+        )
         await session.commit()
         return cluster
     raise Conflict("busy", "capacity changed while placing five times in a row; try again")
@@ -345,6 +351,10 @@ def _dict(text: str) -> dict[str, object]:
 
 def _floats(text: str) -> dict[str, float]:
     return {k: float(v) for k, v in _dict(text).items() if isinstance(v, int | float)}
+
+
+def timings_of(cluster: Cluster) -> dict[str, float]:
+    return _floats(cluster.timings_json)
 
 
 def spec_of(cluster: Cluster) -> ClusterSpec:
