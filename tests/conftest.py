@@ -40,6 +40,7 @@ def settings(db_url: str) -> Settings:
         heartbeat_flush_s=0.2,
         watchdog_interval_s=0.25,
         faucet=True,
+        tune_gc=False,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -52,6 +53,14 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await migrate(engine)
+        # Everything imported and built so far lives as long as the process: keep it out
+        # of the cyclic GC's scans, and collect the young generation less often. Full
+        # collections over tens of thousands of long-lived objects otherwise stall the
+        # event loop for 100+ ms at random (seen as heartbeat p99 in bench/heartbeats.py).
+        if settings.tune_gc:
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(50_000, 20, 100)
         state.started_at = time.time()
 
         async def watchdog() -> None:

@@ -28,6 +28,9 @@ class Settings:
     #: Mint credits on request (embedded demo); off unless asked for.
     faucet: bool = False
     operator_key_hex: str = ""
+    #: Freeze start-up objects out of the cyclic GC and collect less often (a process-wide
+    #: setting: off when the coordinator is embedded in another program, e.g. tests).
+    tune_gc: bool = True
     #: Only devices that passed the hardware challenge are placeable.
     require_verified: bool = True
     extra: dict[str, str] = field(default_factory=dict)

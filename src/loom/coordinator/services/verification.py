@@ -39,7 +39,7 @@ class ChallengerConfig:
     #: Fraction of a verified idle device's time spent on unannounced re-challenges.
     budget: float = 0.01
     #: How often the re-challenge loop looks at connected devices.
-    loop_s: float = 2.0
+    loop_s: float = 5.0
     #: The class a node's CPU is challenged with (``test`` in fast tests).
     cpu_class: str = "cpu"
     #: Wait before retrying a failed device (within the class's ``retries_per_day``).
