@@ -10,6 +10,7 @@ from rich.table import Table
 
 from loom.client.cli.common import client_for, console, fail, print_json
 from loom.client.sdk import LoomAPIError
+from loom.core.query import QueryError, parse_query
 from loom.core.spec import SpecError, format_duration, load_spec
 
 
@@ -25,6 +26,10 @@ def offers(
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Search live offers with the offer query language."""
+    try:
+        parse_query(query)  # a typo is reported at once, coordinator or not
+    except QueryError as exc:
+        fail(str(exc))
     with client_for(ctx) as client:
         try:
             rows = client.offers(query, sort=sort, limit=limit)
