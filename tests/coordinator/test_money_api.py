@@ -13,7 +13,8 @@ import pytest
 from loom.client.sdk import LoomAPIError, LoomClient
 from loom.coordinator.config import Settings
 from loom.coordinator.loops.settlement import run_settlement
-from loom.core.ledger import Entry, Transaction, verify_chain
+from loom.core.ledger import Entry, Transaction
+from loom.core.ledger_verify import verify_chain
 from loom.protocol.identity import KeyPair
 from support.fakeagent import FakeAgents, force_available
 from support.servers import CoordinatorThread, free_port, wait_for

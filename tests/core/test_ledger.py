@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loom.core import ledger as lg
+from loom.core import ledger_verify as lv
 from loom.core.ledger import Entry, Transaction
 from loom.core.money import MAX_MICRO, MICRO
 
@@ -33,8 +34,8 @@ def reseal(txns: Sequence[Transaction]) -> list[Transaction]:
     return out
 
 
-def demo_chain() -> lg.MemoryLedger:
-    led = lg.MemoryLedger()
+def demo_chain() -> lv.MemoryLedger:
+    led = lv.MemoryLedger()
     led.post(lg.DEPOSIT, "dep-a", lg.deposit_entries(ALICE, 100 * MICRO), {"ref": "x"}, T0)
     led.post(lg.DEPOSIT, "dep-b", lg.deposit_entries(BOB, 5 * MICRO), None, T0 + 1)
     led.post(lg.HOLD, "hold-1", lg.hold_entries(ALICE, "c1", 60 * MICRO), None, T0 + 2)
@@ -214,7 +215,7 @@ def test_apply_is_atomic_and_names_account_and_shortfall() -> None:
 
 
 def test_memory_ledger_idempotency() -> None:
-    led = lg.MemoryLedger()
+    led = lv.MemoryLedger()
     t = led.post(lg.DEPOSIT, "dep", lg.deposit_entries(ALICE, 5), {"a": "1"}, T0)
     again = led.post(lg.DEPOSIT, "dep", lg.deposit_entries(ALICE, 5), {"a": "1"}, T0 + 99)
     assert again is t
@@ -232,22 +233,22 @@ def test_memory_ledger_idempotency() -> None:
 
 def test_verify_chain_accepts_a_good_chain() -> None:
     led = demo_chain()
-    report = lg.verify_chain(iter(led.txns), expected_head=led.head_hash)
+    report = lv.verify_chain(iter(led.txns), expected_head=led.head_hash)
     assert report.ok, report.failure
     assert report.count == len(led.txns) == report.last_seq
     assert report.balances == led.balances
     assert report.minted_micro == 105 * MICRO
     assert report.head_hash == led.head_hash
     assert sum(report.balances.values()) == 0
-    empty = lg.verify_chain([])
+    empty = lv.verify_chain([])
     assert empty.ok
     assert empty.head_hash == lg.GENESIS_HASH
 
 
 def test_verify_chain_from_checkpoint() -> None:
     led = demo_chain()
-    head = lg.verify_chain(led.txns[:3])
-    tail = lg.verify_chain(
+    head = lv.verify_chain(led.txns[:3])
+    tail = lv.verify_chain(
         led.txns[3:],
         start_seq=4,
         start_hash=head.head_hash,
@@ -255,14 +256,14 @@ def test_verify_chain_from_checkpoint() -> None:
     )
     assert tail.ok, tail.failure
     assert tail.balances == led.balances
-    bad = lg.verify_chain(led.txns, expected_head="f" * 64)
+    bad = lv.verify_chain(led.txns, expected_head="f" * 64)
     assert not bad.ok
     assert bad.failure is not None
     assert "expected head" in bad.failure.reason
 
 
-def _first_failure(txns: Sequence[Transaction]) -> lg.VerifyFailure:
-    report = lg.verify_chain(txns)
+def _first_failure(txns: Sequence[Transaction]) -> lv.VerifyFailure:
+    report = lv.verify_chain(txns)
     assert not report.ok
     assert report.failure is not None
     return report.failure
@@ -289,7 +290,7 @@ def test_verify_reports_rule_breaks_even_with_valid_hashes() -> None:
     failure = _first_failure(reseal(forged))
     assert failure.seq == 2
     assert "used twice" in failure.reason
-    assert lg.verify_chain(reseal(forged), check_keys=False).ok
+    assert lv.verify_chain(reseal(forged), check_keys=False).ok
 
     forged = list(txns)
     forged[0] = dataclasses.replace(
@@ -381,7 +382,7 @@ def test_reorder_and_deletion_are_detected(data: st.DataObject) -> None:
         assert failure.index == i
         assert f"where {i + 1} was expected" in failure.reason
     else:  # dropping the last one is only visible against a published head
-        report = lg.verify_chain(deleted, expected_head=txns[-1].hash)
+        report = lv.verify_chain(deleted, expected_head=txns[-1].hash)
         assert not report.ok
     j = data.draw(st.integers(0, len(txns) - 1).filter(lambda j: j != i), label="j")
     swapped = list(txns)
@@ -431,7 +432,7 @@ def _check_invariants(balances: dict[str, int]) -> None:
 
 
 def _entries_for(
-    op: Op, led: lg.MemoryLedger, owners: dict[str, str]
+    op: Op, led: lv.MemoryLedger, owners: dict[str, str]
 ) -> tuple[tuple[Entry, ...], dict[str, str]] | None:
     escrow = led.balance(f"escrow:{op.cluster}")
     if op.kind == lg.DEPOSIT:
@@ -457,7 +458,7 @@ def _entries_for(
 @given(history=st.lists(ops, min_size=20, max_size=80))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_random_histories_conserve_credit_and_verify(history: list[Op]) -> None:
-    led = lg.MemoryLedger()
+    led = lv.MemoryLedger()
     owners: dict[str, str] = {}
     for n, op in enumerate(history):
         built = _entries_for(op, led, owners)
@@ -479,7 +480,7 @@ def test_random_histories_conserve_credit_and_verify(history: list[Op]) -> None:
             assert refused.account == debit.account
             assert refused.shortfall_micro == -debit.amount_micro - before.get(debit.account, 0)
         _check_invariants(led.balances)
-    report = lg.verify_chain(led.txns, expected_head=led.head_hash)
+    report = lv.verify_chain(led.txns, expected_head=led.head_hash)
     assert report.ok, report.failure
     assert report.balances == led.balances
     assert report.count == len(led.txns)

@@ -2,7 +2,7 @@
 
 Amounts are decimal strings of credits ("12.5"), never floats. Ledger entries also carry
 ``amount_micro`` as a decimal string of the integer the hash chain covers, so anyone can
-re-verify a downloaded chain with `loom.core.ledger.verify_chain`.
+re-verify a downloaded chain with `loom.core.ledger_verify.verify_chain`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The ledger in the database: post transactions, read balances, re-verify the chain.
 
-`post` is `loom.core.ledger.MemoryLedger.post` over SQL, inside the caller's DB
+`post` is `loom.core.ledger_verify.MemoryLedger.post` over SQL, inside the caller's DB
 transaction (the caller commits): lock the head row, look the idempotency key up, check
 balances, seal with `build_transaction`, append the transaction and its entries, update
 the materialized balances and the head. Every poster locks the single `ledger_head` row
@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from loom.coordinator.db.models import AccountBalance, LedgerEntry, LedgerHead, LedgerTransaction
 from loom.coordinator.errors import BadRequest, Conflict, PaymentRequired
 from loom.core import ledger as core
+from loom.core import ledger_verify as lv
 from loom.core.ledger import Entry, Transaction
 from loom.core.money import format_credits
 
@@ -277,7 +278,7 @@ _DONE = object()
 async def verify(session: AsyncSession) -> VerifyResult:
     """Re-verify the whole chain from the database, and the cached balances and head.
 
-    Rows stream in seq order through `loom.core.ledger.verify_chain`, which runs in a
+    Rows stream in seq order through `loom.core.ledger_verify.verify_chain`, which runs in a
     worker thread fed chunk by chunk (bounded queue), so memory stays flat.
     """
     q: queue.Queue[object] = queue.Queue(maxsize=4)
@@ -291,11 +292,11 @@ async def verify(session: AsyncSession) -> VerifyResult:
             assert isinstance(item, list)
             yield from item
 
-    def run() -> core.VerifyReport:
+    def run() -> lv.VerifyReport:
         nonlocal stop
         try:
             # The unique index on idempotency_key already guarantees unique keys.
-            return core.verify_chain(feed(), check_keys=False)
+            return lv.verify_chain(feed(), check_keys=False)
         finally:
             stop = True
             while True:  # unblock a producer waiting on a full queue
