@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from loom.coordinator.db.models import Device, Node
 from loom.coordinator.errors import BadRequest, Conflict
 from loom.coordinator.services import clusters as cluster_service
+from loom.coordinator.services.reliability import scores_now
 from loom.core.catalog import CPU_MODEL
 from loom.core.metering import escrow_needed
 from loom.core.models import ConnectivityTier, DeviceState, NodeState, SecurityTier
@@ -47,6 +48,7 @@ async def live_offers(
             continue
         grouped[(node.id, dev.model)].append((dev, node))
     offers: list[Offer] = []
+    scores = await scores_now(session, sorted({node_id for node_id, _ in grouped}))
     for (node_id, model), rows in grouped.items():
         node = rows[0][1]
         free = [d for d, _ in rows if d.allocated_units < (d.count or 1)]
@@ -70,7 +72,7 @@ async def live_offers(
                 region=node.region,
                 country=node.country,
                 price_micro=node.price_micro,
-                reliability=DEFAULT_RELIABILITY,
+                reliability=scores.get(node_id, DEFAULT_RELIABILITY),
                 verified=any(d.state == DeviceState.VERIFIED.value for d in free),
                 security=SecurityTier.COMMUNITY,
                 connectivity=ConnectivityTier.ULTRA,
