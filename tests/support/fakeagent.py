@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from websockets.asyncio.client import connect
 
 from loom.coordinator.db.models import Device, Node
@@ -182,7 +182,20 @@ class FakeAgents:
 
 
 async def force_available(sessions: Any, node_ids: list[str]) -> None:
-    """Mark the nodes' devices verified and the nodes available (tests without a prover)."""
+    """Mark the nodes' devices verified and the nodes available (tests without a prover).
+
+    Waits first until the coordinator's connect hooks have run (they move a new node from
+    `registering` to `verifying`); forcing before that would be undone by them.
+    """
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        async with sessions() as session:
+            states = set(
+                (await session.execute(select(Node.state).where(Node.id.in_(node_ids)))).scalars()
+            )
+        if "registering" not in states and states:
+            break
+        await asyncio.sleep(0.05)
     async with sessions() as session:
         await session.execute(
             update(Device).where(Device.node_id.in_(node_ids)).values(state="verified")
