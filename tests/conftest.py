@@ -41,6 +41,7 @@ def settings(db_url: str) -> Settings:
         watchdog_interval_s=0.25,
         faucet=True,
         tune_gc=False,
+        restart_grace_s=0.0,  # tests start agents after the coordinator, never before
     )
 
 

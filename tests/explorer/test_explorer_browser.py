@@ -50,6 +50,8 @@ def settings(db_url: str) -> Settings:
         heartbeat_flush_s=0.2,
         watchdog_interval_s=0.25,
         faucet=True,
+        tune_gc=False,
+        restart_grace_s=0.0,
         extra={"explorer_sample_s": "2", "challenge.cpu_class": "test"},
     )
 

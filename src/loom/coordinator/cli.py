@@ -33,6 +33,10 @@ def serve(
     heartbeat_timeout: Annotated[
         float, typer.Option(help="seconds without a heartbeat before a node is offline")
     ] = 15.0,
+    restart_grace: Annotated[
+        float,
+        typer.Option(help="after a start, seconds before anyone is judged offline (reconnects)"),
+    ] = 35.0,
     faucet: Annotated[
         bool,
         typer.Option("--faucet/--no-faucet", help="mint credits on request (embedded/demo mode)"),
@@ -64,6 +68,7 @@ def serve(
         host=host,
         port=port,
         heartbeat_timeout_s=heartbeat_timeout,
+        restart_grace_s=restart_grace,
         faucet=faucet,
         settle_interval_s=settle_interval,
         fee_bps=fee_bps,

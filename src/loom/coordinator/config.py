@@ -17,6 +17,9 @@ class Settings:
     port: int = 8700
     #: A node with no heartbeat for this long becomes `offline`.
     heartbeat_timeout_s: float = 15.0
+    #: After a (re)start nobody is judged offline for this long: agents reconnect with a
+    #: capped backoff (30 s), so a coordinator outage must not read as node failures.
+    restart_grace_s: float = 35.0
     #: What agents are told to use.
     heartbeat_interval_s: float = 5.0
     #: How often buffered heartbeats are written to the database.

@@ -39,7 +39,8 @@ async def watchdog_step(state: CoordinatorState, now: float | None = None) -> li
     await flush_heartbeats(state)
     cutoff = now - state.settings.heartbeat_timeout_s
     went_offline: list[str] = []
-    if state.started_at > cutoff:
+    grace = max(state.settings.heartbeat_timeout_s, state.settings.restart_grace_s)
+    if now - state.started_at < grace:
         # Just (re)started: agents have not had a full timeout to reconnect yet, and a
         # node is not dead because *we* were down. Judge nobody until then.
         return went_offline
