@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +13,7 @@ import pytest
 from loom.client.sdk import LoomClient
 from loom.coordinator.config import Settings
 from loom.protocol.api import ClusterOut
-from support.servers import AgentProcess, CoordinatorThread, wait_for
+from support.servers import AgentProcess, CoordinatorThread, run_spread, stop_agents, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -47,21 +44,7 @@ def agents(
         )
         yield procs
     finally:
-        for p in procs:
-            p.kill(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.ensure_dead()
-
-
-def run_spread(cluster: ClusterOut, expected: int) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.ray_token)
-    return subprocess.run(
-        [sys.executable, "-m", "loom.examples.spread", cluster.head_address, str(expected)],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        stop_agents(procs)
 
 
 def leftovers(tmp_path: Path, cluster: ClusterOut) -> tuple[list[int], list[Path]]:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +11,15 @@ from pathlib import Path
 import pytest
 
 from loom.client.sdk import LoomClient
-from loom.protocol.api import ClusterOut
 from loom.protocol.identity import KeyPair
-from support.servers import AgentProcess, CoordinatorProcess, free_port, wait_for
+from support.servers import (
+    AgentProcess,
+    CoordinatorProcess,
+    free_port,
+    run_spread,
+    stop_agents,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -67,24 +70,6 @@ def _agents(
     return procs
 
 
-def _stop_all(procs: list[AgentProcess]) -> None:
-    for p in procs:
-        p.kill(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.ensure_dead()
-
-
-def _spread(cluster: ClusterOut, expected: int) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.ray_token)
-    return subprocess.run(
-        [sys.executable, "-m", "loom.examples.spread", cluster.head_address, str(expected)],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-
-
 def test_lost_worker_is_replaced_and_billing_stops(
     coord: CoordinatorProcess, user: LoomClient, tmp_path: Path
 ) -> None:
@@ -130,11 +115,11 @@ def test_lost_worker_is_replaced_and_billing_stops(
         assert "healing" in [e.to_state for e in healed.events], healed.events
         ready_nodes = {m.node_id for m in healed.members if m.state == "ready"}
         assert worker.node_id not in ready_nodes and len(ready_nodes) == 2
-        done = _spread(healed, 2)
+        done = run_spread(healed, 2)
         assert done.returncode == 0, done.stderr[-2000:]
         user.delete_cluster("heal")
     finally:
-        _stop_all(procs)
+        stop_agents(procs)
 
 
 def test_cluster_survives_coordinator_kill_and_restart(
@@ -147,7 +132,7 @@ def test_cluster_survives_coordinator_kill_and_restart(
         assert cluster.state == "running", cluster.reason
         coord.kill()
         # While the coordinator is down the cluster keeps working.
-        done = _spread(cluster, 2)
+        done = run_spread(cluster, 2)
         assert done.returncode == 0, done.stderr[-2000:]
         time.sleep(float(HEARTBEAT_TIMEOUT) + 1)
         coord.start()
@@ -165,8 +150,8 @@ def test_cluster_survives_coordinator_kill_and_restart(
         assert after.state == "running", (after.state, after.reason)
         assert sorted(m.state for m in after.members) == ["ready", "ready"]
         assert after.head_address == cluster.head_address
-        again = _spread(after, 2)
+        again = run_spread(after, 2)
         assert again.returncode == 0, again.stderr[-2000:]
         user.delete_cluster("outage")
     finally:
-        _stop_all(procs)
+        stop_agents(procs)

@@ -178,3 +178,26 @@ class CoordinatorProcess:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def run_spread(cluster: Any, expected: int) -> subprocess.CompletedProcess[str]:
+    """Run `loom.examples.spread` against a cluster with its token: a task on every node."""
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.ray_token)
+    return subprocess.run(
+        [sys.executable, "-m", "loom.examples.spread", cluster.head_address, str(expected)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def stop_agents(procs: list[AgentProcess]) -> None:
+    """SIGTERM every agent (they drain), then make sure each is gone."""
+    for p in procs:
+        p.kill(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.ensure_dead()

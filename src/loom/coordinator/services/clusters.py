@@ -327,7 +327,7 @@ async def cluster_out(
         ],
         events=events,
         timings=_floats(cluster.timings_json),
-        spec=_dict(cluster.spec_json),
+        spec=node_service.load_json_lenient(cluster.spec_json),
     )
 
 
@@ -341,16 +341,12 @@ async def _device_ids(session: AsyncSession, member_ids: list[str]) -> dict[str,
     return out
 
 
-def _dict(text: str) -> dict[str, object]:
-    try:
-        value = json.loads(text)
-    except (TypeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _floats(text: str) -> dict[str, float]:
-    return {k: float(v) for k, v in _dict(text).items() if isinstance(v, int | float)}
+    return {
+        k: float(v)
+        for k, v in node_service.load_json_lenient(text).items()
+        if isinstance(v, int | float)
+    }
 
 
 def timings_of(cluster: Cluster) -> dict[str, float]:
@@ -359,4 +355,4 @@ def timings_of(cluster: Cluster) -> dict[str, float]:
 
 def spec_of(cluster: Cluster) -> ClusterSpec:
     """The stored spec (read leniently: it was valid when written)."""
-    return parse_spec(_dict(cluster.spec_json))
+    return parse_spec(node_service.load_json_lenient(cluster.spec_json))
