@@ -18,11 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP) sysdeps
 
-# Debian packages the real sandbox and browser tests need; installed only when missing.
+# Debian packages the real sandbox, overlay, bus and browser tests need; installed only when missing.
 sysdeps:
 	@missing=""; \
 	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v nebula >/dev/null || missing="$$missing nebula"; \
+	command -v nft >/dev/null || missing="$$missing nftables"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v nats-server >/dev/null || missing="$$missing nats-server"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
