@@ -105,13 +105,13 @@ def test_parse_table_merges_defaults_and_names_bad_class() -> None:
 defaults: {tile: 8, rounds: 6, window: 3, depth: 1, lam: 0.5, openings: 8,
            openings_in_window: 4, reference_rate: 1.0e6}
 classes:
-  small: {m: 64, n: 64, k: 64}
+  small: {m: 64, n: 64, k: 64, assumed: true}
 """
     table = parse_params_table(text)
     assert table["small"].device_class == "small"
     assert table["small"].tile == 8
     with pytest.raises(ValueError, match="'broken'"):
-        parse_params_table(text + "  broken: {m: 63, n: 64, k: 64}\n")
+        parse_params_table(text + "  broken: {m: 63, n: 64, k: 64, assumed: true}\n")
     with pytest.raises(ValueError, match="classes"):
         parse_params_table("defaults: {}\n")
 
@@ -136,3 +136,76 @@ def test_format_rate() -> None:
     assert format_rate(1.484e15) == "1.48 POPS"
     assert format_rate(27.1e9) == "27.1 GOPS"
     assert format_rate(None) == "n/a"
+
+
+TABLE_HEAD = """
+defaults: {tile: 8, rounds: 6, window: 3, depth: 1, lam: 0.5, openings: 8,
+           openings_in_window: 4}
+classes:
+"""
+
+
+def test_every_shipped_class_says_where_its_rate_comes_from() -> None:
+    for name in device_classes():
+        p = params_for(name)
+        assert p.assumed != (p.measured is not None), name
+        assert p.reference_rate_source == ("measured" if p.measured else "assumption")
+
+
+def test_a_measured_class_loads_with_its_run() -> None:
+    table = parse_params_table(
+        TABLE_HEAD
+        + "  g: {m: 64, n: 64, k: 64, reference_rate: 1.0e6, measured: {date: 2026-12-01,\n"
+        + "      gpu: NVIDIA H200, driver: 580.159.04, rate: 1.25e6, source: bench/RESULTS.md}}\n"
+    )
+    g = table["g"]
+    assert g.reference_rate_source == "measured" and not g.assumed
+    assert g.measured is not None
+    assert (g.measured.gpu, g.measured.driver, g.measured.rate) == (
+        "NVIDIA H200",
+        "580.159.04",
+        1.25e6,
+    )
+    assert str(g.measured.date) == "2026-12-01" and g.measured.runs == 1
+    # It survives the wire (ChallengeSpec carries the params as JSON).
+    assert type(g).model_validate_json(g.model_dump_json()) == g
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("{m: 64, n: 64, k: 64, reference_rate: 1.0e6}", "must say where its reference_rate"),
+        (
+            "{m: 64, n: 64, k: 64, reference_rate: 1.0e6, assumed: true, measured: {date: "
+            "2026-12-01, gpu: x, driver: y, rate: 2.0e6}}",
+            "not both",
+        ),
+        (
+            "{m: 64, n: 64, k: 64, reference_rate: 3.0e6, measured: {date: 2026-12-01, gpu: x, "
+            "driver: y, rate: 2.0e6}}",
+            "above the measured rate",
+        ),
+        (
+            "{m: 64, n: 64, k: 64, reference_rate: 1.0e6, measured: {date: 2026-12-01, gpu: x, "
+            "driver: y, rate: 2.0e6, source: somewhere.txt}}",
+            "source",
+        ),
+        (
+            "{m: 64, n: 64, k: 64, reference_rate: 1.0e6, measured: {date: 2026-12-01, gpu: x, "
+            "rate: 2.0e6}}",
+            "driver",
+        ),
+    ],
+)
+def test_bad_rate_provenance_is_refused(entry: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_params_table(TABLE_HEAD + f"  g: {entry}\n")
+
+
+def test_defaults_cannot_declare_rates_assumed_for_everyone() -> None:
+    with pytest.raises(ValueError, match="may not set 'assumed'"):
+        parse_params_table(
+            TABLE_HEAD.replace("openings_in_window: 4", "openings_in_window: 4, assumed: true")
+            + "  g: {m: 64, n: 64, k: 64, "
+            "reference_rate: 1.0e6}\n"
+        )

@@ -7,6 +7,7 @@ reference rate), k openings of which k_w fall inside the scored window.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from functools import cache
 from importlib import resources
@@ -18,6 +19,23 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from loom.core.challenge.generator import MAX_K
 
 PARAMS_RESOURCE = "data/challenge_params.yaml"
+
+
+class Measurement(BaseModel):
+    """Where a class's reference rate was measured: one recorded run of the device check."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    date: dt.date = Field(description="day of the run (UTC)")
+    gpu: str = Field(min_length=1, max_length=128, description="device name as NVML gave it")
+    driver: str = Field(min_length=1, max_length=64, description="NVIDIA driver version")
+    rate: float = Field(gt=0.0, description="best-window INT8 ops/s of this exact code")
+    source: str = Field(
+        default="bench/RESULTS.md",
+        pattern=r"^bench/RESULTS\.md(#[\w.-]+)?$",
+        description="where the run's figures are recorded",
+    )
+    runs: int = Field(default=1, ge=1, description="challenges behind the rate")
 
 
 class ChallengeParams(BaseModel):
@@ -37,7 +55,8 @@ class ChallengeParams(BaseModel):
     openings: int = Field(ge=1, description="k: tiles opened per challenge")
     openings_in_window: int = Field(ge=0, description="k_w: openings inside the scored window")
     reference_rate: float = Field(gt=0.0, description="P_ref: INT8 ops/s of this exact code")
-    reference_rate_source: Literal["assumption", "measured"] = "assumption"
+    assumed: bool = Field(default=False, description="P_ref is an assumption, not measured")
+    measured: Measurement | None = Field(default=None, description="the run behind P_ref")
     retries_per_day: int = Field(default=3, ge=0, description="m: attempts allowed per day")
     timeout_factor: float = Field(default=3.0, ge=1.0, description="× the λ-paced duration")
     timeout_grace_s: float = Field(default=30.0, ge=0.0, description="set-up allowance (s)")
@@ -61,9 +80,21 @@ class ChallengeParams(BaseModel):
             problems.append("more in-window openings than tiles in the window")
         if self.openings > tiles_round * self.rounds:
             problems.append("more openings than tiles in the challenge")
+        if self.assumed and self.measured is not None:
+            problems.append("say either assumed: true or measured: {...}, not both")
+        if self.measured is not None and self.reference_rate > self.measured.rate:
+            problems.append(
+                f"reference_rate={self.reference_rate:.4g} is above the measured rate "
+                f"{self.measured.rate:.4g}: the measured GPU itself would fail"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def reference_rate_source(self) -> Literal["assumption", "measured"]:
+        """``measured`` when a recorded run backs P_ref, else ``assumption``."""
+        return "measured" if self.measured is not None else "assumption"
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -149,10 +180,21 @@ def parse_params_table(text: str) -> dict[str, ChallengeParams]:
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise ValueError("'defaults' must be a mapping")
+    for key in ("assumed", "measured", "reference_rate_source"):
+        if key in defaults:
+            raise ValueError(
+                f"'defaults' may not set {key!r}: each class says assumed: true or measured: "
+                "{date, gpu, driver, rate, source}"
+            )
     table: dict[str, ChallengeParams] = {}
     for name, entry in raw["classes"].items():
         if not isinstance(entry, dict):
             raise ValueError(f"class {name!r} must be a mapping")
+        if not entry.get("assumed") and "measured" not in entry:
+            raise ValueError(
+                f"class {name!r} must say where its reference_rate comes from: "
+                "assumed: true, or measured: {date, gpu, driver, rate, source: bench/RESULTS.md}"
+            )
         merged = {**defaults, **entry, "device_class": str(name)}
         try:
             table[str(name)] = ChallengeParams.model_validate(merged)
