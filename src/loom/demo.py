@@ -12,6 +12,7 @@ import sys
 import time
 from decimal import Decimal
 
+from loom.agent.netns import driver_prefix
 from loom.client.cli.common import console
 from loom.client.sdk import LoomClient, LoomError
 
@@ -45,7 +46,14 @@ def run_demo(client: LoomClient, agents: int) -> int:
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.ray_token)
     console.print("running a Ray program with a task on every node …")
     proc = subprocess.run(
-        [sys.executable, "-m", "loom.examples.spread", cluster.head_address, str(nodes)],
+        [
+            *driver_prefix(cluster.head_address),  # the head's own network namespace, if any
+            sys.executable,
+            "-m",
+            "loom.examples.spread",
+            cluster.head_address,
+            str(nodes),
+        ],
         env=env,
         capture_output=True,
         text=True,

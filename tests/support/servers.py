@@ -17,6 +17,7 @@ from typing import Any
 
 import uvicorn
 
+from loom.agent.netns import driver_prefix
 from loom.coordinator.app import create_app
 from loom.coordinator.config import Settings
 from loom.coordinator.state import CoordinatorState
@@ -184,7 +185,14 @@ def run_spread(cluster: Any, expected: int) -> subprocess.CompletedProcess[str]:
     """Run `loom.examples.spread` against a cluster with its token: a task on every node."""
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.ray_token)
     return subprocess.run(
-        [sys.executable, "-m", "loom.examples.spread", cluster.head_address, str(expected)],
+        [
+            *driver_prefix(cluster.head_address),  # the head's network namespace, if any
+            sys.executable,
+            "-m",
+            "loom.examples.spread",
+            cluster.head_address,
+            str(expected),
+        ],
         env=env,
         capture_output=True,
         text=True,

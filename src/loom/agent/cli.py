@@ -16,6 +16,8 @@ from loom.agent.config import AgentConfig, agent_ws_url
 from loom.agent.inventory import DeclaredProbe, GpuProbe, InventoryError, default_probe
 from loom.agent.main import Agent, AgentRefused
 from loom.agent.members import MemberManager
+from loom.agent.netns import NetnsConfig
+from loom.agent.netns import for_agent as member_networks
 from loom.agent.runtimes import Runtime, SandboxError, select_runtime
 from loom.agent.tunnel import AgentTunnel
 from loom.agent.verification import ChallengeHandler
@@ -61,6 +63,12 @@ def start(
         int | None, typer.Option(help="serve Prometheus /metrics on this port (0: any free one)")
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="address the metrics port binds")] = "127.0.0.1",
+    egress: Annotated[
+        str, typer.Option(help="members' access to the public internet: internet or none")
+    ] = "internet",
+    member_network: Annotated[
+        str, typer.Option(help="private IPv4 range for members' own network namespaces")
+    ] = "10.201.0.0/16",
 ) -> None:
     """Connect this machine to the coordinator and serve work until SIGTERM."""
     logging.basicConfig(
@@ -75,6 +83,7 @@ def start(
             validate_country(country)
         if price.strip().lower() != "auto":
             parse_credits(price)
+        NetnsConfig(address_range=member_network, egress=egress)
     except (ValueError, AmountError) as exc:
         raise _fail(str(exc)) from None
     home = loom_home()
@@ -98,6 +107,8 @@ def start(
         work_dir=home / "agents" / _safe(node_name),
         runtime=runtime,
         advertise_address=address,
+        egress=egress,
+        member_network=member_network,
     )
     try:
         sandbox = select_runtime(runtime)
@@ -113,8 +124,14 @@ def start(
 
 async def _run(agent: Agent, sandbox: Runtime, config: AgentConfig) -> None:
     agent.install_signal_handlers()
+    base = config.work_dir / "members"
+    network = NetnsConfig(address_range=config.member_network, egress=config.egress)
     members = MemberManager(
-        config.work_dir / "members", sandbox, agent.report, node_ip=config.advertise_address
+        base,
+        sandbox,
+        agent.report,
+        node_ip=config.advertise_address,
+        netns=member_networks(base, sandbox.name, network),
     )
     leftovers = await members.cleanup_leftovers()
     if leftovers:

@@ -19,6 +19,8 @@ class AgentConfig:
     advertise_address: str = "127.0.0.1"
     agent_version: str = "0.1.0"
     heartbeat_interval_s: float | None = None  # None: what the coordinator says
+    egress: str = "internet"  # members' path to the public internet: internet or none
+    member_network: str = "10.201.0.0/16"  # private range of members' namespace addresses
 
     @property
     def ws_url(self) -> str:

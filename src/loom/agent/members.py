@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from loom.agent.netns import MemberNet, NetnsError, NetnsManager
 from loom.agent.raynode import (
     PortAllocator,
     RayNode,
@@ -30,6 +32,7 @@ from loom.agent.raynode import (
     RayNodeSpec,
     cleanup_stale_members,
 )
+from loom.agent.raynode_spec import member_short_id
 from loom.agent.runtimes import Runtime
 
 log = logging.getLogger(__name__)
@@ -51,8 +54,12 @@ class MemberManager:
         *,
         node_ip: str = "127.0.0.1",
         ports: PortAllocator | None = None,
+        netns: NetnsManager | None = None,
     ) -> None:
         self.base_dir = base_dir
+        #: Builds each member's own network namespace (None: members share the host's).
+        self.netns = netns
+        self.nets: dict[str, MemberNet] = {}
         self.runtime = runtime
         self.report = report
         self.node_ip = node_ip
@@ -73,7 +80,10 @@ class MemberManager:
     async def cleanup_leftovers(self) -> list[str]:
         """Remove members left by a previous agent process (crash, SIGKILL)."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        return await cleanup_stale_members(self.base_dir)
+        stale = await cleanup_stale_members(self.base_dir)
+        if self.netns is not None:
+            stale += await asyncio.to_thread(self.netns.cleanup_leftovers)
+        return stale
 
     def start_health_loop(self) -> None:
         if self._health_task is None:
@@ -109,6 +119,17 @@ class MemberManager:
             node_ip=self.node_ip,
             include_dashboard=args["role"] == "head",
         )
+        if self.netns is not None:
+            try:
+                net = await asyncio.to_thread(
+                    self.netns.create, member_short_id(spec), spec.cluster_id
+                )
+            except NetnsError as exc:
+                raise RayNodeError(f"network of {spec.member_id}: {exc}") from None
+            self.nets[spec.member_id] = net
+            spec = dataclasses.replace(
+                spec, node_ip=net.ns_ip, netns=net.path, dashboard_host=net.ns_ip
+            )
         node = RayNode(spec, self.runtime, self.ports)
         self.nodes[spec.member_id] = node
         try:
@@ -117,7 +138,7 @@ class MemberManager:
         except (RayNodeError, OSError) as exc:
             self.nodes.pop(spec.member_id, None)
             with contextlib.suppress(Exception):
-                await node.stop()
+                await self._stop_node(spec.member_id, node)
             raise RayNodeError(f"{exc}") from None
         result = {
             "gcs_address": info.gcs_address,
@@ -142,7 +163,7 @@ class MemberManager:
         self.info.pop(member_id, None)
         self.nodes.pop(member_id, None)
         with contextlib.suppress(Exception):
-            await node.stop()
+            await self._stop_node(member_id, node)
         await self.report("member.lost", {"member_id": member_id, "reason": reason})
 
     async def stop(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -157,9 +178,18 @@ class MemberManager:
         watcher = self._watchers.pop(member_id, None)
         if watcher is not None:
             watcher.cancel()
-        if node is not None:
-            await node.stop()
+        await self._stop_node(member_id, node)
         return {"stopped": node is not None}
+
+    async def _stop_node(self, member_id: str, node: RayNode | None) -> None:
+        """Stop the node, then remove its network namespace (even if stopping failed)."""
+        try:
+            if node is not None:
+                await node.stop()
+        finally:
+            net = self.nets.pop(member_id, None)
+            if net is not None and self.netns is not None:
+                await asyncio.to_thread(self.netns.destroy, net)
 
     async def sync(self, args: dict[str, Any]) -> dict[str, Any]:
         wanted = {str(m) for m in args.get("members") or []}

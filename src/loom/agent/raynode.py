@@ -227,6 +227,7 @@ class RayNode:
             shm_bytes=self.spec.object_store_bytes,
             log_path=p.log,
             labels={"loom.cluster": self.spec.cluster_id, "loom.role": self.spec.role},
+            netns=self.spec.netns,
         )
 
     async def wait_ready(self, timeout: float = 60.0) -> RayNodeInfo:
@@ -280,7 +281,7 @@ class RayNode:
             gcs_address=self.gcs_address,
             ports=ports,
             dashboard_url=(
-                f"http://127.0.0.1:{ports.dashboard}"
+                f"http://{self.spec.dashboard_host}:{ports.dashboard}"
                 if head and self.spec.include_dashboard
                 else None
             ),

@@ -86,6 +86,10 @@ class RayNodeSpec:
     include_dashboard: bool = True
     ports: PortBlock | None = None
     ray_tmp_root: Path = Path("/tmp")
+    #: The member's network namespace (loom.agent.netns); None: the host network.
+    netns: Path | None = None
+    #: Where the head's dashboard binds: loopback on the host network, else the node's IP.
+    dashboard_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         for name in ("cluster_id", "member_id"):
@@ -202,7 +206,7 @@ def build_ray_start_argv(
             f"--port={ports.gcs}",
             f"--ray-client-server-port={ports.client_server}",
             f"--include-dashboard={'true' if spec.include_dashboard else 'false'}",
-            "--dashboard-host=127.0.0.1",
+            f"--dashboard-host={spec.dashboard_host}",
             f"--dashboard-port={ports.dashboard}",
         ]
     else:

@@ -77,6 +77,8 @@ class RunSpec:
     shm_bytes: int | None = None
     log_path: Path | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: A network namespace (``/run/netns/NAME``) to run in, instead of the host network.
+    netns: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.argv:

@@ -195,5 +195,7 @@ class BwrapRuntime(Runtime):
             if not Path(p).is_dir():
                 raise SandboxError(f"sandbox directory {p} does not exist")
         argv = build_bwrap_argv(spec, self.bwrap)
+        if spec.netns is not None:  # nsenter execs bwrap: same pid, inside that network
+            argv = ["nsenter", f"--net={spec.netns}", *argv]
         popen = popen_in_new_session(argv, spec.full_env(), None, spec)
         return BwrapHandle(popen, spec)

@@ -1,0 +1,563 @@
+"""A network namespace per member: the sandbox's own network (see docs/overlay.md).
+
+When the agent can administer the network (root, CAP_NET_ADMIN), every member's Ray node
+runs in a named network namespace of its own::
+
+    host                                   netns loom-<agent>-<member>
+    loom<member> 10.201.X.1/30  <--veth-->  eth0 10.201.X.2/30, lo, default via .1
+
+and one nftables table shared by every Loom agent on the machine, ``table inet loom``
+(Loom never touches any other table), decides what a member may reach:
+
+* the host itself (any of its addresses, loopback services, the agent's metrics port):
+  nothing, except replies to connections the host opened (the agent's readiness probe
+  and tunnel) and the UDP ports the overlay needs (:attr:`NetnsConfig.host_udp_ports`);
+* another member on this host: only one of the *same cluster* (set ``peers``);
+* private, link-local, loopback, multicast, CGNAT and reserved ranges (the supplier's
+  LAN): nothing;
+* the public internet: NAT'd (masquerade) only if the supplier allows egress
+  (``loom worker start --egress internet``, the default); with ``none``, only the
+  overlay's own UDP port (:attr:`NetnsConfig.overlay_udp_port`) may leave.
+
+IPv6 is disabled inside the namespace. Nothing about a member survives it: ``destroy``
+removes the namespace (and with it the veth pair) and the member's set elements, and the
+table itself goes with the last member on the host; :meth:`NetnsManager.cleanup_leftovers`
+does the same for the members of a crashed agent. Every change to the shared state runs
+under a host-wide lock (several agents share a machine in ``loom up``).
+
+Addresses come from a configurable private range (default ``10.201.0.0/16``): one /30
+per member, the first free one (checked against every address on the host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+Egress = Literal["internet", "none"]
+EGRESS_CHOICES: tuple[str, ...] = ("internet", "none")
+
+TABLE = "loom"
+#: Host-side veth names: ``loom`` + 10 hex digits (15 characters at most on Linux).
+IF_PREFIX = "loom"
+NETNS_DIR = Path("/run/netns")
+LOCK_PATH = Path("/run/loom-netns.lock")
+DEFAULT_RANGE = "10.201.0.0/16"
+
+#: Destinations a member may never reach through the host (besides the host itself).
+BLOCKED_V4: tuple[str, ...] = (
+    "0.0.0.0/8",  # "this network"
+    "10.0.0.0/8",  # private
+    "100.64.0.0/10",  # CGNAT (and Tailscale-style overlays)
+    "127.0.0.0/8",  # loopback
+    "169.254.0.0/16",  # link-local (cloud metadata services)
+    "172.16.0.0/12",  # private
+    "192.0.0.0/24",  # IETF protocol assignments
+    "192.168.0.0/16",  # private
+    "198.18.0.0/15",  # benchmarking, often used inside data centers
+    "224.0.0.0/4",  # multicast
+    "240.0.0.0/4",  # reserved, broadcast
+)
+
+_NAME = re.compile(r"^[a-z0-9-]{1,40}$")
+_HEX = re.compile(r"^[0-9a-f]{10}$")
+
+
+class NetnsError(RuntimeError):
+    """A member's network namespace could not be created or removed; the message says why."""
+
+
+@dataclass(frozen=True)
+class NetnsConfig:
+    """How members' namespaces are built on this machine (``loom worker start`` options)."""
+
+    address_range: str = DEFAULT_RANGE
+    egress: str = "internet"  # internet | none
+    #: UDP ports on the host a member may reach (the coordinator's Nebula lighthouse when
+    #: it shares the machine).
+    host_udp_ports: tuple[int, ...] = ()
+    #: The member's own overlay UDP port: allowed to the internet even with egress none.
+    overlay_udp_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.egress not in EGRESS_CHOICES:
+            raise ValueError(f"egress must be internet or none, not {self.egress!r}")
+        net = self.network
+        if not net.is_private or net.prefixlen > 28:
+            raise ValueError(
+                f"the member address range {self.address_range} must be a private IPv4 "
+                "range of at least /28, e.g. 10.201.0.0/16"
+            )
+        ports = [*self.host_udp_ports]
+        if self.overlay_udp_port is not None:
+            ports.append(self.overlay_udp_port)
+        for port in ports:
+            if not 0 < port < 65536:
+                raise ValueError(f"bad UDP port {port}")
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        try:
+            return ipaddress.IPv4Network(self.address_range, strict=True)
+        except ValueError as exc:
+            raise ValueError(
+                f"bad member address range {self.address_range!r}: {exc} (e.g. 10.201.0.0/16)"
+            ) from None
+
+
+@dataclass(frozen=True)
+class MemberNet:
+    """One member's namespace: what the runtime enters and what Ray binds."""
+
+    name: str
+    host_if: str
+    host_ip: str
+    ns_ip: str
+    cluster_id: str
+    egress: bool
+
+    @property
+    def path(self) -> Path:
+        return NETNS_DIR / self.name
+
+
+def unavailable_reason() -> str | None:
+    """None if this process can build member namespaces, else why not."""
+    if os.geteuid() != 0:
+        return "the agent is not root (no CAP_NET_ADMIN)"
+    for tool in ("ip", "nft", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed (Debian: apt-get install iproute2 nftables)"
+    return None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _run(argv: Sequence[str], *, check: bool = True, stdin: str | None = None) -> str:
+    try:
+        done = subprocess.run(
+            list(argv), input=stdin, capture_output=True, text=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NetnsError(f"`{' '.join(argv)}` could not run: {exc}") from None
+    if check and done.returncode != 0:
+        raise NetnsError(f"`{' '.join(argv)}` failed: {done.stderr.strip() or done.returncode}")
+    return done.stdout
+
+
+def _nft(script: str, *, check: bool = True) -> str:
+    return _run(["nft", "-f", "-"], stdin=script, check=check)
+
+
+@contextlib.contextmanager
+def host_lock(path: Path = LOCK_PATH) -> Iterator[None]:
+    """The machine-wide lock around changes to addresses, namespaces and the table."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _links() -> list[dict[str, Any]]:
+    out = _run(["ip", "-j", "link", "show"])
+    return list(json.loads(out or "[]"))
+
+
+def _member_ifs() -> set[str]:
+    return {str(link["ifname"]) for link in _links() if _is_member_if(str(link["ifname"]))}
+
+
+def _is_member_if(name: str) -> bool:
+    return name.startswith(IF_PREFIX) and bool(_HEX.match(name[len(IF_PREFIX) :]))
+
+
+def _used_addresses() -> set[ipaddress.IPv4Address]:
+    out = _run(["ip", "-j", "-4", "addr", "show"])
+    used: set[ipaddress.IPv4Address] = set()
+    for link in json.loads(out or "[]"):
+        for info in link.get("addr_info", []):
+            with contextlib.suppress(ValueError, KeyError):
+                used.add(ipaddress.IPv4Address(info["local"]))
+    return used
+
+
+def netns_names() -> list[str]:
+    """Names of the network namespaces under /run/netns."""
+    try:
+        return sorted(p.name for p in NETNS_DIR.iterdir())
+    except OSError:
+        return []
+
+
+def _table_exists() -> bool:
+    return (
+        subprocess.run(
+            ["nft", "list", "table", "inet", TABLE], capture_output=True, timeout=20, check=False
+        ).returncode
+        == 0
+    )
+
+
+def _ip_forward() -> bool:
+    return Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    with contextlib.suppress(OSError):
+        Path(path).write_text(value)
+
+
+def table_script(*, forwarding_was_off: bool) -> str:
+    """The nftables definition of ``table inet loom`` (created once per machine)."""
+    blocked = ", ".join(BLOCKED_V4)
+    # When Loom had to turn on IPv4 forwarding, it keeps the host from routing anything
+    # else: only traffic from or to a member's veth is forwarded.
+    other = '        iifname != "loom*" oifname != "loom*" drop\n' if forwarding_was_off else ""
+    marker = "    set forwarding_was_off { type ipv4_addr; }\n" if forwarding_was_off else ""
+    return f"""
+table inet {TABLE} {{
+    set blocked4 {{ type ipv4_addr; flags interval; elements = {{ {blocked} }}; }}
+    set peers {{ type ifname . ifname; }}
+    set egress_ifs {{ type ifname; }}
+    set egress4 {{ type ipv4_addr; }}
+    set overlay_out {{ type ifname . inet_service; }}
+    set host_udp {{ type inet_service; }}
+{marker}
+    chain input {{
+        type filter hook input priority filter - 10; policy accept;
+        iifname "loom*" ct state established,related accept
+        iifname "loom*" udp dport @host_udp accept
+        iifname "loom*" counter drop
+    }}
+    chain forward {{
+        type filter hook forward priority filter - 10; policy accept;
+        iifname "loom*" jump from_member
+        oifname "loom*" jump to_member
+{other}    }}
+    chain from_member {{
+        ct state established,related accept
+        meta nfproto ipv6 drop
+        iifname . oifname @peers accept
+        ip daddr @blocked4 counter drop
+        oifname "loom*" counter drop
+        iifname @egress_ifs accept
+        iifname . udp sport @overlay_out accept
+        counter drop
+    }}
+    chain to_member {{
+        ct state established,related accept
+        counter drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "loom*" return
+        ip saddr @egress4 masquerade
+    }}
+}}
+"""
+
+
+def _ensure_table() -> None:
+    if _table_exists():
+        return
+    was_off = not _ip_forward()
+    _nft(table_script(forwarding_was_off=was_off))
+    if was_off:
+        log.info("enabled IPv4 forwarding for member namespaces (only their traffic is routed)")
+        _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+
+
+def _set_elements(set_name: str) -> list[Any]:
+    out = _run(["nft", "-j", "list", "set", "inet", TABLE, set_name], check=False)
+    if not out:
+        return []
+    for item in json.loads(out).get("nftables", []):
+        if "set" in item:
+            return list(item["set"].get("elem", []))
+    return []
+
+
+def _elem_names(elem: Any) -> list[str]:
+    if isinstance(elem, dict) and "concat" in elem:
+        return [str(x) for x in elem["concat"]]
+    if isinstance(elem, dict) and "elem" in elem:
+        return _elem_names(elem["elem"].get("val"))
+    return [str(elem)]
+
+
+def _gc_table(alive_ifs: set[str]) -> None:
+    """Drop set elements of vanished members; the whole table once no member is left."""
+    if not _table_exists():
+        return
+    if not alive_ifs:
+        was_off = bool(
+            _run(["nft", "list", "set", "inet", TABLE, "forwarding_was_off"], check=False)
+        )
+        _run(["nft", "delete", "table", "inet", TABLE])
+        if was_off:
+            _write_sysctl("/proc/sys/net/ipv4/ip_forward", "0")
+        return
+    lines: list[str] = []
+    for elem in _set_elements("peers"):
+        a, b = _elem_names(elem)[:2]
+        if a not in alive_ifs or b not in alive_ifs:
+            lines.append(f'delete element inet {TABLE} peers {{ "{a}" . "{b}" }}')
+    for elem in _set_elements("egress_ifs"):
+        (name,) = _elem_names(elem)[:1]
+        if name not in alive_ifs:
+            lines.append(f'delete element inet {TABLE} egress_ifs {{ "{name}" }}')
+    for elem in _set_elements("overlay_out"):
+        name, port = _elem_names(elem)[:2]
+        if name not in alive_ifs:
+            lines.append(f'delete element inet {TABLE} overlay_out {{ "{name}" . {port} }}')
+    if lines:
+        _nft("\n".join(lines) + "\n")
+
+
+def _member_addresses(alive_ifs: set[str]) -> dict[str, str]:
+    """Host-side veth name -> namespace address (host address + 1) of live members."""
+    found: dict[str, str] = {}
+    out = _run(["ip", "-j", "-4", "addr", "show"])
+    for link in json.loads(out or "[]"):
+        name = str(link.get("ifname", ""))
+        if name in alive_ifs:
+            for info in link.get("addr_info", []):
+                with contextlib.suppress(ValueError, KeyError):
+                    found[name] = str(ipaddress.IPv4Address(info["local"]) + 1)
+    return found
+
+
+def _gc_egress4(alive: dict[str, str]) -> list[str]:
+    keep = set(alive.values())
+    return [
+        f"delete element inet {TABLE} egress4 {{ {addr} }}"
+        for addr in (str(e) for e in _set_elements("egress4"))
+        if addr not in keep
+    ]
+
+
+# ----------------------------------------------------------------------------- manager
+
+
+class NetnsManager:
+    """Creates and removes the namespaces of one agent's members (blocking calls).
+
+    ``agent_tag`` (from :func:`loom.agent.raynode_spec.agent_tag`) prefixes the
+    namespace names, so that a restarted agent finds and removes what it left.
+    """
+
+    def __init__(self, agent_tag: str, config: NetnsConfig | None = None) -> None:
+        if not _NAME.match(agent_tag):
+            raise ValueError(f"bad agent tag {agent_tag!r}")
+        self.agent_tag = agent_tag
+        self.config = config or NetnsConfig()
+
+    def names_for(self, short_id: str) -> tuple[str, str]:
+        """(namespace name, host-side veth name) of the member with this short id."""
+        if not _HEX.match(short_id):
+            raise ValueError(f"member short id must be 10 hex digits, not {short_id!r}")
+        return f"{self.agent_tag}-{short_id}", f"{IF_PREFIX}{short_id}"
+
+    def _allocate(self, short_id: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+        net = self.config.network
+        used = _used_addresses()
+        blocks = net.num_addresses // 4
+        start = int(hashlib.sha256(short_id.encode()).hexdigest(), 16) % blocks
+        for i in range(blocks):
+            base = net.network_address + 4 * ((start + i) % blocks)
+            host, ns = base + 1, base + 2
+            if not {base, host, ns, base + 3} & used:
+                return host, ns
+        raise NetnsError(f"no free /30 left in the member address range {net}: choose a larger one")
+
+    def create(self, short_id: str, cluster_id: str, *, egress: bool | None = None) -> MemberNet:
+        """Build the member's namespace, veth pair, addresses, routes and rules."""
+        name, host_if = self.names_for(short_id)
+        allow = self.config.egress == "internet" if egress is None else egress
+        with host_lock():
+            self._remove(name, host_if)  # a leftover with the same name
+            _ensure_table()
+            host_ip, ns_ip = self._allocate(short_id)
+            try:
+                self._build(name, host_if, cluster_id, host_ip, ns_ip, allow)
+            except NetnsError:
+                self._remove(name, host_if)
+                _gc_table(_member_ifs())
+                raise
+        return MemberNet(name, host_if, str(host_ip), str(ns_ip), cluster_id, allow)
+
+    def _build(
+        self,
+        name: str,
+        host_if: str,
+        cluster_id: str,
+        host_ip: ipaddress.IPv4Address,
+        ns_ip: ipaddress.IPv4Address,
+        egress: bool,
+    ) -> None:
+        ns = ["ip", "-n", name]
+        _run(["ip", "netns", "add", name])
+        # The peer is created inside the namespace: no moment where it sits on the host.
+        _run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", name])
+        _run(["ip", "link", "set", host_if, "alias", f"loom {self.agent_tag} {cluster_id}"])
+        _write_sysctl(f"/proc/sys/net/ipv6/conf/{host_if}/disable_ipv6", "1")
+        _write_sysctl(f"/proc/sys/net/ipv4/conf/{host_if}/rp_filter", "1")
+        _run(["ip", "addr", "add", f"{host_ip}/30", "dev", host_if])
+        _run(["ip", "link", "set", host_if, "up"])
+        _run(
+            [
+                "nsenter",
+                f"--net={NETNS_DIR / name}",
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ]
+        )
+        _run([*ns, "addr", "add", f"{ns_ip}/30", "dev", "eth0"])
+        _run([*ns, "link", "set", "lo", "up"])
+        _run([*ns, "link", "set", "eth0", "up"])
+        _run([*ns, "route", "add", "default", "via", str(host_ip)])
+        lines = []
+        for other, other_cluster in _clusters_of_members().items():
+            if other != host_if and other_cluster == cluster_id:
+                lines.append(
+                    f'add element inet {TABLE} peers {{ "{host_if}" . "{other}", '
+                    f'"{other}" . "{host_if}" }}'
+                )
+        if egress:
+            lines.append(f'add element inet {TABLE} egress_ifs {{ "{host_if}" }}')
+        if egress or self.config.overlay_udp_port:
+            lines.append(f"add element inet {TABLE} egress4 {{ {ns_ip} }}")
+        if self.config.overlay_udp_port:
+            lines.append(
+                f'add element inet {TABLE} overlay_out {{ "{host_if}" . '
+                f"{self.config.overlay_udp_port} }}"
+            )
+        for port in self.config.host_udp_ports:
+            lines.append(f"add element inet {TABLE} host_udp {{ {port} }}")
+        if lines:
+            _nft("\n".join(lines) + "\n")
+
+    def destroy(self, net: MemberNet) -> None:
+        """Remove the member's namespace, veth and rules (idempotent)."""
+        with host_lock():
+            self._remove(net.name, net.host_if)
+            self._gc()
+
+    def _remove(self, name: str, host_if: str) -> None:
+        if (NETNS_DIR / name).exists():
+            _run(["ip", "netns", "del", name])
+        if host_if in _member_ifs():
+            _run(["ip", "link", "del", host_if], check=False)
+        if (NETNS_DIR / name).exists() or host_if in _member_ifs():
+            raise NetnsError(f"could not remove the network namespace {name} of a member")
+
+    def _gc(self) -> None:
+        alive = _member_ifs()
+        _gc_table(alive)
+        if alive and _table_exists():
+            lines = _gc_egress4(_member_addresses(alive))
+            if lines:
+                _nft("\n".join(lines) + "\n")
+
+    def cleanup_leftovers(self) -> list[str]:
+        """Remove every namespace this agent left (after a crash); returns their names."""
+        prefix = self.agent_tag + "-"
+        stale = [n for n in netns_names() if n.startswith(prefix)]
+        with host_lock():
+            for name in stale:
+                short = name[len(prefix) :]
+                host_if = f"{IF_PREFIX}{short}" if _HEX.match(short) else ""
+                if host_if:
+                    self._remove(name, host_if)
+                else:
+                    _run(["ip", "netns", "del", name], check=False)
+            for link in _links():
+                alias = str(link.get("ifalias", ""))
+                if _is_member_if(str(link["ifname"])) and alias.startswith(
+                    f"loom {self.agent_tag} "
+                ):
+                    _run(["ip", "link", "del", str(link["ifname"])], check=False)
+            self._gc()
+        return stale
+
+
+def _clusters_of_members() -> dict[str, str]:
+    """Host-side veth name -> cluster id, for every member on this machine (any agent)."""
+    found: dict[str, str] = {}
+    for link in _links():
+        name = str(link.get("ifname", ""))
+        parts = str(link.get("ifalias", "")).split()
+        if _is_member_if(name) and len(parts) == 3 and parts[0] == "loom":
+            found[name] = parts[2]
+    return found
+
+
+def for_agent(base_dir: Path, runtime: str, config: NetnsConfig) -> NetnsManager | None:
+    """The agent's namespace builder, or None (logged loudly) where members share the host's."""
+    from loom.agent.raynode_spec import agent_tag
+
+    reason = unavailable_reason()
+    if reason is None and runtime != "bwrap":
+        reason = f"the {runtime} runtime does not run members in a network namespace"
+    if reason is not None:
+        log.warning(
+            "members share this host's network (%s): jobs can reach services on this "
+            "host's loopback (databases, the agent's metrics port) and its LAN; run the "
+            "agent as root with the bwrap runtime to give each member its own network",
+            reason,
+        )
+        return None
+    return NetnsManager(agent_tag(base_dir), config)
+
+
+def namespace_of(address: str) -> Path | None:
+    """The namespace of the local member whose address is ``address`` (``host[:port]``).
+
+    For tools on the supplier's machine (the demo, tests) that run a Ray driver against a
+    local cluster: a Ray driver attaches to the raylet of its own address, and members
+    cannot open connections to the host (Ray workers call the driver back), so such a
+    driver runs inside the head's namespace. Users elsewhere use the Jobs API instead.
+    """
+    host = address.rpartition(":")[0] if address.count(":") == 1 else address
+    try:
+        ip = ipaddress.IPv4Address(host)
+    except ValueError:
+        return None
+    if shutil.which("ip") is None:
+        return None
+    try:
+        members = _member_addresses(_member_ifs())
+    except NetnsError:
+        return None
+    for host_if, ns_ip in members.items():
+        if ns_ip == str(ip):
+            suffix = "-" + host_if[len(IF_PREFIX) :]
+            for name in netns_names():
+                if name.endswith(suffix):
+                    return NETNS_DIR / name
+    return None
+
+
+def driver_prefix(address: str) -> list[str]:
+    """``nsenter --net=…`` for a Ray driver on this machine aimed at a local member, else []."""
+    path = namespace_of(address)
+    return [] if path is None else ["nsenter", f"--net={path}"]
