@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
+import typer
+from typer.testing import CliRunner
 
+from loom.client.cli import challenge
 from loom.core.challenge import ChallengeParams, UnknownDeviceClass, device_classes, params_for
 from loom.core.challenge.params import parse_params_table
 from loom.core.challenge.timing import best_window, format_rate
@@ -209,3 +213,23 @@ def test_defaults_cannot_declare_rates_assumed_for_everyone() -> None:
             + "  g: {m: 64, n: 64, k: 64, "
             "reference_rate: 1.0e6}\n"
         )
+
+
+def test_loom_challenge_classes_shows_where_each_rate_comes_from() -> None:
+    root = typer.Typer()
+    root.add_typer(challenge.app, name="challenge")
+    done = CliRunner().invoke(root, ["challenge", "classes", "--json"])
+    assert done.exit_code == 0, done.output
+    rows = {r["class"]: r for r in json.loads(done.output)}
+    assert set(rows) == set(device_classes())
+    assert rows["h200"]["reference_rate_source"] == "assumption"
+    assert rows["h200"]["measured"] is None
+    text = CliRunner().invoke(root, ["challenge", "classes"])
+    assert text.exit_code == 0 and "assumed (never measured)" in text.output
+    measured = params_for("h200").replace(
+        assumed=False,
+        reference_rate=1.0e15,
+        measured={"date": "2026-12-01", "gpu": "NVIDIA H200", "driver": "580.1", "rate": 1.1e15},
+    )
+    assert challenge.source_text(measured).startswith("measured 2026-12-01 on NVIDIA H200")
+    assert challenge.class_row(measured)["measured"]["driver"] == "580.1"
