@@ -19,13 +19,19 @@ from loom.agent.runtimes import (
     ProcessRuntime,
     RunSpec,
     RuntimeUnavailable,
+    SandboxError,
     find_marked,
     find_sandboxes,
     probe_bwrap,
     probe_docker,
     select_runtime,
 )
-from loom.agent.runtimes.bwrap import build_bwrap_argv, nvidia_device_nodes
+from loom.agent.runtimes.bwrap import (
+    SandboxFds,
+    build_bwrap_argv,
+    nvidia_device_nodes,
+    sandbox_env_args,
+)
 from loom.agent.runtimes.docker import build_docker_argv, write_env_file
 
 needs_bwrap = pytest.mark.skipif(
@@ -88,20 +94,34 @@ def test_missing_bwrap_says_how_to_install() -> None:
 
 def test_bwrap_argv_shape_and_no_secrets(tmp_path: Path) -> None:
     spec = _spec(tmp_path, ["/bin/true"], "m1", hide_paths=[tmp_path])
-    argv = build_bwrap_argv(spec, "bwrap", as_root=True)
+    fds = SandboxFds(env=7, seccomp=8, passwd=9, group=10)
+    argv = build_bwrap_argv(
+        spec, "bwrap", fds=fds, as_root=True, uid=1_100_000_001, gid=1_100_000_001
+    )
     joined = " ".join(argv)
-    assert SECRET not in joined  # the environment travels via the process, not argv
+    assert SECRET not in joined  # the environment travels in the --args file, not argv
+    assert argv[1:3] == ["--args", "7"]
+    assert SECRET in sandbox_env_args(spec) and sandbox_env_args(spec)[0] == "--clearenv"
     for flag in ("--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc"):
         assert flag in argv
-    assert "--unshare-net" not in argv  # Ray needs the host network
-    assert argv[argv.index("--ro-bind") : argv.index("--ro-bind") + 3] == ["--ro-bind", "/", "/"]
+    assert "--unshare-net" not in argv  # host network unless RunSpec.netns is given
+    # an allow-list: never the host's root, its homes, /srv, /var, /mnt, /opt, /run
+    binds = [argv[i + 2] for i, a in enumerate(argv) if a in ("--ro-bind", "--bind")]
+    assert "/" not in binds and "/usr" in binds
+    for hidden in ("/home", "/root", "/srv", "/var", "/mnt", "/media", "/opt", "/run"):
+        assert hidden not in binds
+    assert argv[argv.index("--seccomp") + 1] == "8"
+    assert argv[argv.index("9") - 1 : argv.index("9") + 2] == ["--ro-bind-data", "9", "/etc/passwd"]
     assert argv[argv.index("--cap-drop") : argv.index("--cap-drop") + 2] == ["--cap-drop", "ALL"]
-    # hidden first (tmpfs), then the member's own dirs bound rw on top
-    tmpfs_at = argv.index(str(tmp_path.resolve()), argv.index("--tmpfs") - 1)
-    bind_at = argv.index(str(spec.cwd))
-    assert argv[tmpfs_at - 1] == "--tmpfs" and argv[bind_at - 1] == "--bind"
-    assert tmpfs_at < bind_at
-    assert argv[-2:] == ["--", "/bin/true"]
+    assert argv[argv.index(str(spec.cwd)) - 1] == "--bind"
+    assert "--reuid=1100000001" in argv and "--clear-groups" in argv
+    assert argv[-4:] == ["/usr/bin/env", f"--chdir={spec.cwd}", "--", "/bin/true"]
+    with pytest.raises(SandboxError, match="unprivileged uid"):
+        build_bwrap_argv(spec, "bwrap", fds=fds, as_root=True, uid=0, gid=0)
+    # a non-root agent: an unprivileged user namespace of the agent's own uid
+    user = build_bwrap_argv(spec, "bwrap", fds=fds, as_root=False)
+    assert "--unshare-user" in user and "--disable-userns" in user
+    assert user[-3:] == [str(spec.cwd), "--", "/bin/true"]
 
 
 def test_only_allocated_gpu_nodes(tmp_path: Path) -> None:
@@ -123,10 +143,26 @@ def test_docker_argv_and_env_file(tmp_path: Path) -> None:
         num_cpus=4.0,
         memory_bytes=8 << 30,
         shm_bytes=1 << 30,
+        pids_max=4096,
         labels={"loom.cluster": "c1"},
     )
     env_file = tmp_path / "env"
-    argv = build_docker_argv(spec, "rayproject/ray:2.60.0", env_file)
+    profile = tmp_path / "seccomp.json"
+    argv = build_docker_argv(
+        spec,
+        "rayproject/ray:2.60.0",
+        env_file,
+        user=(1_100_000_007, 1_100_000_007),
+        seccomp_profile=profile,
+    )
+    # the same policy as bwrap: own uid, no capabilities, seccomp, limits, read-only image
+    assert argv[argv.index("--user") + 1] == "1100000007:1100000007"
+    assert argv[argv.index("--cap-drop") + 1] == "ALL"
+    assert "no-new-privileges" in argv and f"seccomp={profile}" in argv
+    assert argv[argv.index("--pids-limit") + 1] == str(spec.pids_max)
+    assert "--read-only" in argv and argv[argv.index("--ipc") + 1] == "private"
+    with pytest.raises(SandboxError, match="network namespace"):
+        build_docker_argv(RunSpec(**{**spec.__dict__, "netns": Path("/run/netns/x")}), "i", None)
     assert argv[:4] == ["docker", "run", "--rm", "--init"]
     assert argv[argv.index("--network") : argv.index("--network") + 2] == ["--network", "host"]
     assert argv[argv.index("--gpus") + 1] == '"device=0,2"'

@@ -62,6 +62,7 @@ from loom.agent.runtimes.base import (
     find_sandboxes,
     sweep,
 )
+from loom.agent.runtimes.limits import disk_usage, remove_stale
 
 __all__ = [
     "LOOPBACK_NODE_IP",
@@ -223,8 +224,10 @@ class RayNode:
             home=p.home,
             gpu_indices=self.spec.gpu_indices,
             num_cpus=float(self.spec.num_cpus),
-            memory_bytes=self.spec.memory_bytes,
-            shm_bytes=self.spec.object_store_bytes,
+            memory_bytes=self.spec.memory_limit,
+            shm_bytes=self.spec.object_store_limit,
+            pids_max=self.spec.pids_max,
+            disk_bytes=self.spec.disk_bytes,
             log_path=p.log,
             labels={"loom.cluster": self.spec.cluster_id, "loom.role": self.spec.role},
             netns=self.spec.netns,
@@ -293,6 +296,14 @@ class RayNode:
         handle = self._handle
         if handle is None or not handle.alive():
             return NodeHealth(False, False, detail=f"node process not running ({self.state})")
+        if self.spec.disk_bytes is not None:
+            used = await asyncio.to_thread(disk_usage, [self.paths.root, self.paths.ray_temp])
+            if used > self.spec.disk_bytes:
+                return NodeHealth(
+                    True,
+                    False,
+                    detail=f"disk quota exceeded: {used} of {self.spec.disk_bytes} bytes used",
+                )
         probe = await self._spawn_probe(wait=0.0)
         try:
             stdout, _ = await asyncio.wait_for(probe.communicate(), timeout)
@@ -416,4 +427,5 @@ async def cleanup_stale_members(base_dir: Path, ray_tmp_root: Path = Path("/tmp"
         for child in members.iterdir():
             dirs += [child, ray_tmp_root / f"loom-{child.name}"]
     await asyncio.to_thread(_remove_dirs, dirs)
+    await asyncio.to_thread(remove_stale, tag)
     return sorted(stale)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from loom.agent.raynode_ports import PortBlock
+from loom.core.spec import check_env
 
 Role = Literal["head", "worker"]
 #: Loopback address Ray leaves alone (it rewrites 127.0.0.1, localhost and ::1).
@@ -32,6 +33,14 @@ _RESERVED_ENV = re.compile(
 )
 #: Unix socket paths are limited to 107 bytes; Ray adds up to ~70 under its temp dir.
 MAX_RAY_TEMP_DIR_LEN = 36
+#: Limits of a member when the command names none (see docs/sandbox-and-ray.md).
+DEFAULT_MEMORY_PER_CPU = 2 << 30
+MIN_MEMORY_BYTES = 2 << 30
+#: Processes *and threads*: a Ray head runs several hundred threads.
+DEFAULT_PIDS_MAX = 4096
+DEFAULT_DISK_BYTES = 20 << 30
+#: Share of the memory limit given to Ray's object store (in /dev/shm, inside the limit).
+OBJECT_STORE_SHARE = 0.3
 
 
 class RayNodeError(RuntimeError):
@@ -90,6 +99,9 @@ class RayNodeSpec:
     netns: Path | None = None
     #: Where the head's dashboard binds: loopback on the host network, else the node's IP.
     dashboard_host: str = "127.0.0.1"
+    #: Sandbox limits: processes/threads, and bytes in the member's directories.
+    pids_max: int = DEFAULT_PIDS_MAX
+    disk_bytes: int | None = DEFAULT_DISK_BYTES
 
     def __post_init__(self) -> None:
         for name in ("cluster_id", "member_id"):
@@ -110,12 +122,30 @@ class RayNodeSpec:
         bad = sorted(k for k in self.env if _RESERVED_ENV.match(k) or not k.isidentifier())
         if bad:
             raise ValueError(f"env may not set {', '.join(bad)} (reserved or invalid)")
+        # Again on the agent, whatever the coordinator let through (loom.core.spec).
+        check_env(self.env)
+        if self.pids_max < 64:
+            raise ValueError("pids_max must be at least 64")
         if not self.base_dir.is_absolute():
             raise ValueError("base_dir must be an absolute path")
 
     @property
     def gpus(self) -> int:
         return len(self.gpu_indices) if self.num_gpus is None else self.num_gpus
+
+    @property
+    def memory_limit(self) -> int:
+        """The member's memory limit: as given, else 2 GiB per CPU (at least 2 GiB)."""
+        if self.memory_bytes is not None:
+            return self.memory_bytes
+        return max(MIN_MEMORY_BYTES, DEFAULT_MEMORY_PER_CPU * self.num_cpus)
+
+    @property
+    def object_store_limit(self) -> int:
+        """Ray's object store: as given, else a share of the memory limit."""
+        if self.object_store_bytes is not None:
+            return self.object_store_bytes
+        return int(self.memory_limit * OBJECT_STORE_SHARE)
 
 
 def agent_tag(base_dir: Path) -> str:
@@ -198,8 +228,8 @@ def build_ray_start_argv(
         f"--runtime-env-agent-port={ports.runtime_env_agent}",
         f"--metrics-export-port={ports.metrics_export}",
     ]
-    if spec.object_store_bytes is not None:
-        argv.append(f"--object-store-memory={spec.object_store_bytes}")
+    # Within the sandbox's memory limit (Ray would size it from the host's memory).
+    argv.append(f"--object-store-memory={spec.object_store_limit}")
     if spec.role == "head":
         argv += [
             "--head",
@@ -226,6 +256,8 @@ def build_env(spec: RayNodeSpec, paths: MemberPaths, ray: str) -> dict[str, str]
     env["RAY_AUTH_TOKEN"] = spec.token
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["PYTHONUNBUFFERED"] = "1"  # `ray start` output reaches the member's log at once
+    # No Prometheus exporter: its port takes no token and binds every interface.
+    env["RAY_enable_metrics_collection"] = "0"
     if spec.gpu_indices:
         ids = spec.gpu_uuids or tuple(str(i) for i in spec.gpu_indices)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)

@@ -60,6 +60,8 @@ __all__ = [
     "GpuOption",
     "Resources",
     "SpecError",
+    "check_env",
+    "env_problem",
     "format_duration",
     "load_spec",
     "merge_overrides",
@@ -74,12 +76,82 @@ MAX_GPUS_PER_NODE = 16
 MAX_CPUS_PER_NODE = 1024
 DEFAULT_DURATION_S = 3600
 MAX_DURATION_S = 30 * 24 * 3600
-MAX_ENV_VARS = 128
-MAX_ENV_VALUE = 32 * 1024
+#: Bounds on a spec's ``env`` (a ``member.start`` must stay far below the 1 MiB frame).
+MAX_ENV_VARS = 64
+MAX_ENV_NAME = 128
+MAX_ENV_VALUE = 4096
+MAX_ENV_TOTAL = 64 * 1024
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _RESERVED_ENV = ("LOOM_", "RAY_")
+#: Loader and interpreter hooks: they change what the sandbox's own launcher runs.
+_HOOK_ENV_PREFIXES = ("LD_", "DYLD_", "MALLOC_", "BASH_FUNC_")
+_HOOK_ENV = frozenset(
+    {
+        "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "PYTHONUSERBASE", "PYTHONEXECUTABLE",
+        "PYTHONPLATLIBDIR", "PYTHONBREAKPOINT", "PYTHONWARNINGS", "PYTHONINSPECT",
+        "PYTHONSAFEPATH", "PYTHONNOUSERSITE", "PYTHONPYCACHEPREFIX", "PYTHONCASEOK",
+        "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND", "IFS", "CDPATH",
+        "PERL5OPT", "PERL5LIB", "PERLLIB", "PERL5DB", "RUBYOPT", "RUBYLIB",
+        "NODE_OPTIONS", "NODE_PATH", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS",
+        "GCONV_PATH", "GETCONF_DIR", "LOCPATH", "NLSPATH", "HOSTALIASES", "RESOLV_HOST_CONF",
+        "GLIBC_TUNABLES", "TMPDIR", "HOME", "PATH", "USER", "LOGNAME", "SHELL",
+        "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
+    }
+)  # fmt: skip
+
+
+def env_problem(name: object, value: object) -> str | None:
+    """Why ``name=value`` may not enter a member's sandbox, or None if it may."""
+    if not isinstance(name, str) or not _ENV_RE.match(name):
+        return (
+            f"invalid variable name {str(name)[:40]!r}: use [A-Za-z_][A-Za-z0-9_]*, "
+            f"at most {MAX_ENV_NAME} characters"
+        )
+    upper = name.upper()
+    if upper.startswith(_RESERVED_ENV):
+        return f"{name}: names starting with LOOM_ or RAY_ are reserved"
+    if upper.startswith(_HOOK_ENV_PREFIXES) or upper in _HOOK_ENV:
+        return (
+            f"{name}: this variable is set by Loom or changes how programs are loaded "
+            "(loader and interpreter hooks are refused); remove it"
+        )
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return f"{name}: value must be text; quote it, e.g. {name}: '{value}'"
+    text = str(value)
+    if "\0" in text:
+        return f"{name}: value contains a NUL character"
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_ENV_VALUE:
+        return f"{name}: value longer than {MAX_ENV_VALUE} bytes"
+    return None
+
+
+def check_env(value: Any) -> dict[str, str]:
+    """A spec's ``env`` as ``{name: text}``; ValueError naming the first bad variable.
+
+    Also used by the agent, defensively, on what a ``member.start`` command carries.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError("env must be a mapping of NAME: value")
+    if len(value) > MAX_ENV_VARS:
+        raise ValueError(f"at most {MAX_ENV_VARS} environment variables")
+    out: dict[str, str] = {}
+    total = 0
+    for key, val in value.items():
+        problem = env_problem(key, val)
+        if problem is not None:
+            raise ValueError(problem)
+        text = str(val)
+        total += len(key) + 1 + len(text.encode("utf-8", "surrogatepass"))
+        if total > MAX_ENV_TOTAL:
+            raise ValueError(f"env is larger than {MAX_ENV_TOTAL} bytes in total")
+        out[key] = text
+    return out
+
+
 _DURATION_RE = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 _UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 _RESOURCE_KEYS = ("gpu", "cpus", "min_vram_gb", "min_ram_gb")
@@ -301,25 +373,7 @@ class ClusterSpec(BaseModel):
     @field_validator("env", mode="before")
     @classmethod
     def _env(cls, value: Any) -> Any:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise ValueError("env must be a mapping of NAME: value")
-        if len(value) > MAX_ENV_VARS:
-            raise ValueError(f"at most {MAX_ENV_VARS} environment variables")
-        out: dict[str, str] = {}
-        for key, val in value.items():
-            if not isinstance(key, str) or not _ENV_RE.match(key):
-                raise ValueError(f"invalid variable name {key!r}: use [A-Za-z_][A-Za-z0-9_]*")
-            if key.upper().startswith(_RESERVED_ENV):
-                raise ValueError(f"{key}: names starting with LOOM_ or RAY_ are reserved")
-            if isinstance(val, bool) or not isinstance(val, str | int):
-                raise ValueError(f"{key}: value must be text; quote it, e.g. {key}: '{val}'")
-            text = str(val)
-            if len(text) > MAX_ENV_VALUE:
-                raise ValueError(f"{key}: value longer than {MAX_ENV_VALUE} characters")
-            out[key] = text
-        return out
+        return check_env(value)
 
     @field_serializer("security", "connectivity")
     def _dump_tier(self, value: SecurityTier | ConnectivityTier) -> str:

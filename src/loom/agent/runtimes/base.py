@@ -21,7 +21,7 @@ import signal
 import subprocess
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,9 @@ MARKER_ENV = "LOOM_SANDBOX"
 """Environment variable set in every process of a member; its value is the marker."""
 
 PROC = Path("/proc")
+
+#: PATH of the host-side helper processes (never the user's).
+HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class SandboxError(RuntimeError):
@@ -79,6 +82,10 @@ class RunSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     #: A network namespace (``/run/netns/NAME``) to run in, instead of the host network.
     netns: Path | None = None
+    #: Most processes (threads included) the member may have at once.
+    pids_max: int | None = None
+    #: Most bytes the member may keep in its writable directories.
+    disk_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -93,6 +100,13 @@ class RunSpec:
             env["HOME"] = str(self.home)
         env[MARKER_ENV] = self.marker
         return env
+
+    def host_env(self) -> dict[str, str]:
+        """The fixed environment of host-side helpers (bwrap, nsenter, the docker client).
+
+        Nothing the user sent is in it: only a PATH and the marker (for the sweep).
+        """
+        return {"PATH": HOST_PATH, MARKER_ENV: self.marker}
 
 
 # ----------------------------------------------------------------------------- /proc
@@ -315,9 +329,19 @@ def open_log(spec: RunSpec) -> int:
 
 
 def popen_in_new_session(
-    argv: Sequence[str], env: Mapping[str, str], cwd: Path | None, spec: RunSpec
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: Path | None,
+    spec: RunSpec,
+    *,
+    pass_fds: Sequence[int] = (),
+    preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Popen with stdin closed, output to the member's log, in a new session."""
+    """Popen with stdin closed, output to the member's log, in a new session.
+
+    ``preexec_fn`` runs in the child before exec; it must only make system calls
+    (no locks, no imports): the agent has threads.
+    """
     log_fd = open_log(spec)
     try:
         return subprocess.Popen(
@@ -329,6 +353,8 @@ def popen_in_new_session(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
+            pass_fds=tuple(pass_fds),
+            preexec_fn=preexec_fn,
         )
     except OSError as exc:
         raise SandboxError(f"could not start {argv[0]!r}: {exc}") from exc

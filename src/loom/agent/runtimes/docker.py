@@ -11,7 +11,13 @@ lives exactly as long as the container), with ``--rm``, ``--init`` and:
   so ``docker ps --filter label=...`` finds a member's container after an agent crash;
 * the member's directories bind-mounted at the same paths, HOME set to its home;
 * the environment via an ``--env-file`` (mode 0600, in the member's dir): secrets such
-  as the Ray token never appear on a command line.
+  as the Ray token never appear on a command line, and the user's variables reach only
+  the container (the docker client itself gets a fixed environment);
+* the same policy as bubblewrap: ``--user UID:GID`` (a uid of its own when the agent is
+  root), ``--cap-drop ALL``, ``no-new-privileges``, the seccomp policy of
+  :mod:`loom.agent.runtimes.seccomp` as a profile file, ``--pids-limit``, a read-only
+  image filesystem with a private ``/tmp``, a private IPC namespace. A member's network
+  namespace (``RunSpec.netns``) cannot be joined by Docker: such a spec is refused.
 
 The image must contain the same Ray version as the cluster (default:
 ``rayproject/ray:<installed ray version>``).
@@ -22,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -37,6 +44,8 @@ from loom.agent.runtimes.base import (
     SandboxError,
     popen_in_new_session,
 )
+from loom.agent.runtimes.identity import UidLease, chown_tree, lease_uid
+from loom.agent.runtimes.seccomp import docker_profile
 
 _NAME_OK = re.compile(r"[^a-zA-Z0-9_.-]")
 
@@ -55,10 +64,30 @@ def container_name(spec: RunSpec) -> str:
 
 
 def build_docker_argv(
-    spec: RunSpec, image: str, env_file: Path | None, docker: str = "docker"
+    spec: RunSpec,
+    image: str,
+    env_file: Path | None,
+    docker: str = "docker",
+    *,
+    user: tuple[int, int] | None = None,
+    seccomp_profile: Path | None = None,
 ) -> list[str]:
     """The ``docker run`` command line for ``spec`` (pure: no engine needed)."""
+    if spec.netns is not None:
+        raise SandboxError(
+            "the docker runtime cannot join a network namespace; use the bwrap runtime"
+        )
     argv = [docker, "run", "--rm", "--init", "--name", container_name(spec), "--network", "host"]
+    if user is not None:
+        argv += ["--user", f"{user[0]}:{user[1]}"]
+    argv += ["--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+    if seccomp_profile is not None:
+        argv += ["--security-opt", f"seccomp={seccomp_profile}"]
+    argv += ["--ipc", "private", "--read-only", "--tmpfs", "/tmp:rw,mode=1777"]
+    if spec.pids_max is not None:
+        argv += ["--pids-limit", str(spec.pids_max)]
+    if spec.disk_bytes is not None:
+        argv += ["--ulimit", f"fsize={spec.disk_bytes}:{spec.disk_bytes}"]
     argv += ["--label", f"loom.member={spec.name}", "--label", f"loom.marker={spec.marker}"]
     for key, value in sorted(spec.labels.items()):
         argv += ["--label", f"{key}={value}"]
@@ -122,15 +151,21 @@ def probe_docker(docker: str = "docker") -> str | None:
 class DockerHandle(ProcessHandle):
     """Handle on the attached ``docker run`` client; killing it removes the container."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], spec: RunSpec, docker: str) -> None:
+    def __init__(
+        self, popen: subprocess.Popen[bytes], spec: RunSpec, docker: str, lease: UidLease
+    ) -> None:
         super().__init__(popen, spec)
+        self.lease = lease
         self._docker = docker
         self.container = container_name(spec)
         self._grace = 10.0
 
     def kill_tree(self, grace: float = 10.0) -> None:
         self._grace = grace
-        super().kill_tree(grace)
+        try:
+            super().kill_tree(grace)
+        finally:
+            self.lease.release()
 
     def _docker_cmd(self, *args: str) -> None:
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
@@ -165,17 +200,38 @@ class DockerRuntime(Runtime):
     def env_file_for(self, spec: RunSpec) -> Path:
         return spec.cwd / ".loom-docker.env"
 
-    def argv_for(self, spec: RunSpec) -> list[str]:
-        return build_docker_argv(spec, self.image, self.env_file_for(spec), self.docker)
+    def seccomp_file_for(self, spec: RunSpec) -> Path:
+        return spec.cwd / ".loom-seccomp.json"
+
+    def argv_for(self, spec: RunSpec, user: tuple[int, int] | None = None) -> list[str]:
+        return build_docker_argv(
+            spec,
+            self.image,
+            self.env_file_for(spec),
+            self.docker,
+            user=user,
+            seccomp_profile=self.seccomp_file_for(spec),
+        )
 
     def spawn(self, spec: RunSpec) -> ProcessHandle:
-        env_file = self.env_file_for(spec)
-        write_env_file(spec, env_file)
-        argv = self.argv_for(spec)
-        # The docker client itself needs only a minimal environment.
-        client_env = {k: v for k, v in os.environ.items() if k in _CLIENT_ENV}
-        popen = popen_in_new_session(argv, client_env, None, spec)
-        return DockerHandle(popen, spec, self.docker)
+        lease = lease_uid(spec.marker)
+        try:
+            env_file = self.env_file_for(spec)
+            write_env_file(spec, env_file)
+            profile = self.seccomp_file_for(spec)
+            profile.write_text(json.dumps(docker_profile()))
+            if lease.private:
+                rw = [*spec.rw_paths, spec.cwd, *([spec.home] if spec.home else [])]
+                skip = [env_file, profile, *([spec.log_path] if spec.log_path else [])]
+                chown_tree([Path(p) for p in rw], lease.uid, lease.gid, skip=skip)
+            argv = self.argv_for(spec, (lease.uid, lease.gid))
+            # The docker client itself gets a fixed environment, never the user's.
+            client_env = {k: v for k, v in os.environ.items() if k in _CLIENT_ENV}
+            popen = popen_in_new_session(argv, client_env, None, spec)
+        except BaseException:
+            lease.release()
+            raise
+        return DockerHandle(popen, spec, self.docker, lease)
 
 
 _CLIENT_ENV: Sequence[str] = ("PATH", "HOME", "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_CONTEXT")
