@@ -61,7 +61,8 @@ for name, (nr, args) in attacks["syscalls"].items():
 out["uid"] = os.getresuid()
 out["gid"] = os.getresgid()
 out["groups"] = os.getgroups()
-status = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines() if ":\t" in l)
+lines = open("/proc/self/status").read().splitlines()
+status = dict(l.split(":\t", 1) for l in lines if ":\t" in l)
 out["cap_eff"] = status["CapEff"].strip(); out["cap_bnd"] = status["CapBnd"].strip()
 out["no_new_privs"] = status["NoNewPrivs"].strip(); out["seccomp"] = status["Seccomp"].strip()
 out["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
@@ -179,8 +180,8 @@ def test_filesystem_uid_seccomp_and_processes(host: Host) -> None:
     other_root, other_work = host.member_dirs("other")
     (other_work / "data.txt").write_text(SECRET)
     os.chmod(other_root, 0o700)
-    own_root, own_work = host.member_dirs("probe")
-    attacks = {
+    _, own_work = host.member_dirs("probe")
+    attacks: dict[str, object] = {
         "read": [
             *map(str, host.canaries),
             str(other_work / "data.txt"),
