@@ -9,6 +9,7 @@ from __future__ import annotations
 from loom import launcher
 from loom.agent.cli import app as worker_app
 from loom.client.cli.main import app
+from loom.client.cli.runner import run
 from loom.coordinator.cli import app as coordinator_app
 
 app.add_typer(coordinator_app, name="coordinator")
@@ -17,7 +18,7 @@ app.command("up")(launcher.up)
 
 
 def main() -> None:
-    app()
+    raise SystemExit(run(app))
 
 
 if __name__ == "__main__":

@@ -69,9 +69,14 @@ def test_unreachable_coordinator_exits_3_with_one_line(tmp_path: Path) -> None:
 
 
 def test_api_refusal_exits_1(coordinator: CoordinatorThread, tmp_path: Path) -> None:
-    out = loom(tmp_path / "h", "nodes", "--state", "sleeping", coordinator=coordinator.url)
+    out = loom(tmp_path / "h", "cluster", "status", "nosuch", coordinator=coordinator.url)
     assert out.returncode == 1
-    assert "invalid_state" in out.stderr
+    assert "cluster_not_found" in out.stderr and "Traceback" not in out.stderr
+    as_json = loom(
+        tmp_path / "h", "cluster", "status", "nosuch", "--json", coordinator=coordinator.url
+    )
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stderr)["code"] == "cluster_not_found"
 
 
 def test_sdk_with_mock_transport_signs_and_maps_errors() -> None:

@@ -112,7 +112,7 @@ def start(
     )
     try:
         sandbox = select_runtime(runtime)
-    except SandboxError as exc:
+    except (SandboxError, ValueError) as exc:
         raise _fail(str(exc)) from None
     agent = Agent(config, node_key=node_key, owner_key=owner, probe=probe, runtimes=[sandbox.name])
     try:

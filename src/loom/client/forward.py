@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -201,8 +202,17 @@ class Forwarder:
                 await pump(ws, reader, writer)
             finally:
                 await ws.close()
+        except asyncio.CancelledError:
+            # Closing the forwarder cancels its connections. End quietly: asyncio's
+            # client_connected_cb done-callback calls task.exception(), which on a
+            # *cancelled* task raises and logs a CancelledError traceback.
+            writer.transport.abort()
         finally:
             self._handlers.discard(task)
+
+
+def _log_quietly(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    log.debug("forward loop: %s (%r)", context.get("message"), context.get("exception"))
 
 
 @contextlib.contextmanager
@@ -211,6 +221,7 @@ def background_forward(
 ) -> Iterator[int]:
     """Run a Forwarder on an ephemeral local port in a thread; yields the port."""
     loop = asyncio.new_event_loop()
+    loop.set_exception_handler(_log_quietly)  # a CLI run never prints asyncio tracebacks
     thread = threading.Thread(target=loop.run_forever, name="loom-forward", daemon=True)
     thread.start()
     forwarder = Forwarder(base_url, key, ref, target)

@@ -565,31 +565,39 @@ def _explain(
     """Relax each constraint alone; those that make the request fit are the binding ones."""
     binding: list[str] = []
     hints: list[str] = []
+    notes: list[str] = []  # for the reason: what each binding relaxation alone would place
+    partial: dict[str, int] = {}  # relaxations that help but are not enough alone
 
-    def fits(relaxed: Requirement) -> list[NodeCapacity]:
-        picks, _ = _search(index, relaxed, n, exclude)
+    def fits(relaxed: Requirement, name: str = "") -> list[NodeCapacity]:
+        picks, count = _search(index, relaxed, n, exclude)
+        if name and not picks and count > feasible:
+            partial[name] = max(partial.get(name, 0), count)
         return [index._entries[(p[2], p[4])] for p in picks]
 
     if req.max_price_micro is not None:
-        caps = fits(replace(req, max_price_micro=None))
+        caps = fits(replace(req, max_price_micro=None), "max_price")
         if caps:
             binding.append("max_price")
             hints.append(f"raise max_price to {format_credits(max(c.price_micro for c in caps))}")
+            notes.append(f"{n} if max_price is dropped ({hints[-1]})")
     if req.regions:
-        caps = fits(replace(req, regions=frozenset()))
+        caps = fits(replace(req, regions=frozenset()), "regions")
         if caps:
             extra = sorted({c.region for c in caps} - req.regions)
             binding.append("regions")
             hints.append("add region " + ", ".join(extra) if extra else "drop the region filter")
+            notes.append(f"{n} if regions is dropped ({hints[-1]})")
     for tier in sorted((t for t in SecurityTier if t < req.security), reverse=True):
-        if fits(replace(req, security=tier)):
+        if fits(replace(req, security=tier), "security"):
             binding.append("security")
             hints.append(f"lower security to {tier.slug}")
+            notes.append(f"{n} with security {tier.slug} ({hints[-1]})")
             break
     for ctier in sorted((t for t in ConnectivityTier if t < req.connectivity), reverse=True):
-        if fits(replace(req, connectivity=ctier)):
+        if fits(replace(req, connectivity=ctier), "connectivity"):
             binding.append("connectivity")
             hints.append(f"lower connectivity to {ctier.slug}")
+            notes.append(f"{n} with connectivity {ctier.slug} ({hints[-1]})")
             break
     floors = (
         ("min_vram_gb", req.min_vram_gb, replace(req, min_vram_gb=0.0), "vram_gb"),
@@ -597,17 +605,20 @@ def _explain(
         ("min_reliability", req.min_reliability, replace(req, min_reliability=0.0), "reliability"),
     )
     for name, value, relaxed, attr in floors:
-        caps = fits(relaxed) if value else []
+        caps = fits(relaxed, name) if value else []
         if caps:
             binding.append(name)
             hints.append(f"lower {name} to {min(float(getattr(c, attr)) for c in caps):g}")
+            notes.append(f"{n} if {name} is dropped ({hints[-1]})")
     if not binding:
         hints.append(_no_single_fix(req, n, index, exclude))
+        gains = ", ".join(f"{k} if {name} is dropped" for name, k in partial.items())
+        notes.append(hints[-1] + (f" ({gains})" if gains else ""))
     if feasible == 0:
         head = f"0 of {n} nodes: no {req.describe()} is free"
     else:
         head = f"{feasible} of {n} nodes: not enough {req.describe()}"
-    detail = ("either " + ", or ".join(hints)) if len(hints) > 1 else "".join(hints)
+    detail = ("either " + ", or ".join(notes)) if len(notes) > 1 else "".join(notes)
     return PlacementFailure(
         reason=f"{head}; {detail}",
         requested_nodes=n,

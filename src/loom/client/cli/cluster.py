@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 import yaml
+from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from loom.client.cli.common import (
@@ -15,12 +19,17 @@ from loom.client.cli.common import (
     client_for,
     console,
     fail,
+    globals_from,
     print_json,
+    report_error,
     styled_state,
 )
-from loom.client.sdk import LoomClient
-from loom.core.spec import SpecError, load_spec, spec_from_flags
+from loom.client.cli.costs import ClusterMoney, cluster_money
+from loom.client.sdk import LoomAPIError, LoomClient, LoomError
+from loom.core.money import format_credits
+from loom.core.spec import SpecError, format_duration, load_spec, spec_from_flags
 from loom.protocol.api import ClusterOut
+from loom.protocol.money import QuoteOut
 
 app = typer.Typer(help="Ray clusters: up, status, list, down.", no_args_is_help=True)
 
@@ -50,6 +59,11 @@ def build_spec(
     env: list[str],
 ) -> dict[str, Any]:
     """The spec the user asked for: the file (if any) with command-line flags on top."""
+    if gpu is not None and cpus is not None:
+        fail(
+            "give either --gpu or --cpus, not both (a node is sold by GPUs or by CPU cores)",
+            field="gpu",
+        )
     base: dict[str, Any] = {}
     if spec_file is not None:
         try:
@@ -97,10 +111,15 @@ def _phase(cluster: ClusterOut) -> str:
     return f"joining workers ({ready}/{len(workers)})"
 
 
+FINAL_STATES = ("running", "failed", "terminated")
+
+
 def _wait(client: LoomClient, cluster: ClusterOut, timeout: float) -> ClusterOut:
+    """Poll until the cluster is running, failed or terminated (a failing cluster passes
+    through `terminating` first: that is not an end)."""
     deadline = time.monotonic() + timeout
     with console.status("placing …") as status:
-        while cluster.state in ("requested", "provisioning", "healing"):
+        while cluster.state not in FINAL_STATES:
             status.update(f"{cluster.name}: {_phase(cluster)} …")
             if time.monotonic() > deadline:
                 fail(
@@ -111,6 +130,9 @@ def _wait(client: LoomClient, cluster: ClusterOut, timeout: float) -> ClusterOut
     return cluster
 
 
+RETRY_CODES = ("no_capacity",)
+
+
 @app.command("up")
 def up(
     ctx: typer.Context,
@@ -119,15 +141,28 @@ def up(
     nodes: Annotated[int | None, typer.Option(help="number of nodes")] = None,
     gpu: Annotated[str | None, typer.Option(help="MODEL[:COUNT] per node, e.g. rtx4090:2")] = None,
     cpus: Annotated[int | None, typer.Option(help="CPU cores per node (instead of --gpu)")] = None,
-    region: Annotated[str | None, typer.Option(help="regions, comma-separated")] = None,
+    region: Annotated[
+        str | None, typer.Option(help="regions, comma-separated (default: `loom config` region)")
+    ] = None,
     max_price: Annotated[str | None, typer.Option(help="credits per device-hour")] = None,
     duration: Annotated[str | None, typer.Option(help="e.g. 30m, 2h (default 1h)")] = None,
     env: Annotated[list[str], typer.Option(help="KEY=VALUE for the Ray nodes")] = [],  # noqa: B006
     wait: Annotated[bool, typer.Option(help="wait until the cluster is ready")] = True,
     timeout: Annotated[float, typer.Option(help="seconds to wait")] = 180.0,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="no confirmation prompt")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="show the plan and its price, create nothing")
+    ] = False,
+    retry_until_up: Annotated[
+        bool,
+        typer.Option("--retry-until-up", help="no capacity yet: retry every 5 s until --timeout"),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Create a cluster from a spec file and/or flags; shows live progress."""
+    """Create a cluster from a spec file and/or flags: shows the plan and its price, asks
+    for confirmation on a terminal (--yes skips it), then shows live progress."""
+    if region is None and spec_file is None:
+        region = globals_from(ctx).config().region
     spec = build_spec(
         spec_file,
         name=name,
@@ -141,12 +176,25 @@ def up(
     )
     with client_for(ctx) as client:
         t0 = time.monotonic()
-        cluster = client.create_cluster(spec)
+        deadline = t0 + timeout
+        plan = _retrying(lambda: client.quote(spec), retry_until_up, deadline)
+        if dry_run:
+            if json_out:
+                print_json(plan)
+            else:
+                print_plan(client, spec, plan)
+            return
+        if not json_out:
+            print_plan(client, spec, plan)
+            if not yes and sys.stdin.isatty() and not typer.confirm("create it?", default=True):
+                fail("not created", EXIT_API, error_code="declined")
+        cluster = _retrying(lambda: client.create_cluster(spec), retry_until_up, deadline)
         if wait:
+            remaining = max(1.0, deadline - time.monotonic())
             cluster = (
-                _wait(client, cluster, timeout)
+                _wait(client, cluster, remaining)
                 if not json_out
-                else client.wait_cluster(cluster.id, timeout=timeout)
+                else client.wait_cluster(cluster.id, timeout=remaining)
             )
         elapsed = time.monotonic() - t0
     if json_out:
@@ -159,8 +207,69 @@ def up(
             f"cluster [bold]{cluster.name}[/] is {cluster.state}; "
             f"see `loom cluster status {cluster.name}`"
         )
-    if cluster.state == "failed":
-        fail(f"cluster {cluster.name} failed: {cluster.reason}", EXIT_API)
+    if wait and cluster.state != "running":
+        fail(
+            f"cluster {cluster.name} {cluster.state}: {cluster.reason or 'no reason given'}; "
+            f"see `loom cluster status {cluster.name}`",
+            EXIT_API,
+            error_code=f"cluster_{cluster.state}",
+        )
+
+
+T = TypeVar("T")
+
+
+def _retrying(call: Callable[[], T], retry: bool, deadline: float) -> T:
+    """`call()`, retried every 5 s on no_capacity while `retry` and before `deadline`."""
+    shown = False
+    while True:
+        try:
+            return call()
+        except LoomAPIError as exc:
+            if not retry or exc.code not in RETRY_CODES or time.monotonic() + 5 > deadline:
+                raise
+            if not shown:
+                report_error(f"{exc.message}; retrying every 5 s (--retry-until-up)", EXIT_API)
+                shown = True
+            time.sleep(5)
+
+
+def print_plan(client: LoomClient, spec: dict[str, Any], plan: QuoteOut) -> None:
+    """Nodes, prices, escrow and the quote against cloud list prices, before spending."""
+    names = _node_names(client, [m.node_id for m in plan.members])
+    console.print(
+        f"plan for [bold]{escape(str(spec.get('name', '')))}[/]: {len(plan.members)} node(s), "
+        f"{plan.devices} × {escape(plan.model)}, for {format_duration(plan.duration_s)}",
+        highlight=False,
+    )
+    table = Table(box=box.SIMPLE_HEAD)
+    for col in ("node", "role", "region", "devices", "credits/device-hour"):
+        table.add_column(col, justify="right" if col.startswith(("credits", "devices")) else "left")
+    for m in plan.members:
+        table.add_row(names.get(m.node_id, m.node_id), m.role, m.region, str(m.units), m.price)
+    console.print(table)
+    console.print(f"  price    {plan.price_per_hour} credits/hour, {plan.total} for the duration")
+    console.print(
+        f"  escrow   {plan.escrow} credits held from your balance now; "
+        "unused escrow is refunded at `cluster down`"
+    )
+    if plan.hyperscaler_price_per_hour is not None:
+        console.print(
+            f"  clouds   {plan.hyperscaler_price_per_hour}/hour at the hyperscaler median "
+            f"(saving {plan.saving_pct} %)"
+        )
+    try:
+        balance = client.balance().balance
+        console.print(f"  balance  {balance} credits available")
+    except LoomError:
+        pass
+
+
+def _node_names(client: LoomClient, node_ids: list[str]) -> dict[str, str]:
+    try:
+        return {n.id: n.name for n in client.nodes() if n.id in set(node_ids)}
+    except LoomError:
+        return {}
 
 
 def _print_next_steps(cluster: ClusterOut) -> None:
@@ -169,11 +278,17 @@ def _print_next_steps(cluster: ClusterOut) -> None:
         console.print(f"  dashboard:    {cluster.dashboard_url}")
     console.print(f"  price:        {cluster.price_per_hour} credits/hour")
     console.print("next:")
-    console.print(
+    # soft_wrap: a command is never broken by the terminal width, so it copies whole.
+    steps = (
         f"  RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(loom cluster token {cluster.name}) "
-        f"python -c 'import ray; ray.init(address=\"{cluster.head_address}\"); print(ray.nodes())'"
+        f"python -m loom.examples.spread {cluster.head_address} {len(cluster.members)}",
+        f"  loom job submit {cluster.name} -- python -c 'import ray; ray.init(); "
+        "print(ray.cluster_resources())'",
+        f"  loom cluster status {cluster.name}",
+        f"  loom cluster down {cluster.name}",
     )
-    console.print(f"  loom cluster status {cluster.name}      loom cluster down {cluster.name}")
+    for step in steps:
+        console.print(escape(step), soft_wrap=True, highlight=False)
 
 
 @app.command("status")
@@ -244,18 +359,29 @@ def list_clusters(
     """Your clusters."""
     with client_for(ctx) as client:
         rows = client.clusters(all_states=all_states)
+        money = cluster_money(client, [c.id for c in rows])
     if json_out:
-        print_json(rows)
+        print_json([{**c.model_dump(mode="json"), "cost": money[c.id].as_json()} for c in rows])
         return
     table = Table(title=f"{len(rows)} cluster(s)", title_justify="left")
-    for col in ("name", "id", "state", "nodes", "head", "price/h"):
-        table.add_column(col)
+    for col in ("name", "id", "state", "nodes", "head", "credits/hour", "spent", "escrow left"):
+        table.add_column(col, justify="right" if col in ("spent", "escrow left") else "left")
     for c in rows:
         live = sum(1 for m in c.members if m.state in ("assigned", "starting", "ready"))
+        m = money[c.id]
         table.add_row(
-            c.name, c.id, styled_state(c.state), str(live), c.head_address or "-", c.price_per_hour
+            c.name,
+            c.id,
+            styled_state(c.state),
+            str(live),
+            c.head_address or "-",
+            c.price_per_hour,
+            format_credits(m.spent_micro),
+            format_credits(m.escrow_left_micro),
         )
     console.print(table)
+    if rows:
+        console.print("spent: settled from escrow so far (settlement runs at least every 60 s)")
 
 
 @app.command("down")
@@ -265,9 +391,24 @@ def down(
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Stop every member, remove its files, free the devices."""
-    with client_for(ctx) as client, console.status(f"tearing down {name} …"):
-        cluster = client.delete_cluster(name)
+    with client_for(ctx) as client:
+        with console.status(f"tearing down {name} …"):
+            cluster = client.delete_cluster(name)
+        money = cluster_money(client, [cluster.id])[cluster.id]
     if json_out:
-        print_json(cluster)
+        print_json({**cluster.model_dump(mode="json"), "cost": money.as_json()})
         return
     console.print(f"cluster [bold]{cluster.name}[/] {styled_state(cluster.state)}")
+    print_cost(money)
+
+
+def print_cost(money: ClusterMoney) -> None:
+    console.print(
+        f"  cost      {format_credits(money.spent_micro)} credits "
+        f"(of {format_credits(money.escrowed_micro)} held in escrow)"
+    )
+    console.print(f"  refunded  {format_credits(money.refunded_micro)} credits to your balance")
+    console.print(
+        f"  suppliers earned {format_credits(money.suppliers_micro)} credits "
+        f"(platform fee {format_credits(money.fee_micro)})"
+    )

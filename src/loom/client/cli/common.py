@@ -2,6 +2,9 @@
 
 Exit codes: 0 success, 1 the coordinator refused or failed the request, 2 bad input on
 the command line, 3 the coordinator could not be reached.
+
+Errors take one path, :func:`fail`: one line on stderr (`error: …`), or, when the command
+line has `--json`, one JSON object `{"code", "message", "field"}` on stderr.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 
-from loom.client.config import ClientConfig
+from loom.client.config import ClientConfig, ConfigError
 from loom.client.sdk import LoomAPIError, LoomClient, LoomConnectionError, LoomError
 from loom.protocol.identity import IdentityError
 
@@ -32,6 +35,23 @@ EXIT_UNREACHABLE = 3
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+ERROR_CODES = {EXIT_API: "refused", EXIT_USAGE: "bad_input", EXIT_UNREACHABLE: "unreachable"}
+PREFIX = "error: "
+
+
+class _Output:
+    """Process-wide output mode, set once from the command line by `main.run`."""
+
+    json_errors = False
+
+
+def set_json_errors(on: bool) -> None:
+    _Output.json_errors = on
+
+
+def json_errors() -> bool:
+    return _Output.json_errors
+
 
 @dataclass
 class Globals:
@@ -39,7 +59,10 @@ class Globals:
     key: str | None = None
 
     def config(self) -> ClientConfig:
-        return ClientConfig.resolve(self.coordinator, self.key)
+        try:
+            return ClientConfig.resolve(self.coordinator, self.key)
+        except ConfigError as exc:
+            fail(str(exc), field=exc.field)
 
 
 def globals_from(ctx: typer.Context) -> Globals:
@@ -47,8 +70,24 @@ def globals_from(ctx: typer.Context) -> Globals:
     return obj if isinstance(obj, Globals) else Globals()
 
 
-def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+def report_error(
+    message: str, code: int = EXIT_USAGE, *, error_code: str | None = None, field: str | None = None
+) -> None:
+    """Print an error the one way: a JSON object with `--json`, else `error: …` (one line;
+    a multi-line message such as a caret under a query token is indented to stay aligned)."""
+    if _Output.json_errors:
+        body = {"code": error_code or ERROR_CODES.get(code, "error"), "message": message}
+        body["field"] = field  # type: ignore[assignment]
+        sys.stderr.write(json.dumps(body) + "\n")
+        return
+    text = message.replace("\n", "\n" + " " * len(PREFIX))
+    err_console.print(f"[bold red]{PREFIX}[/]{escape(text)}", highlight=False, soft_wrap=True)
+
+
+def fail(
+    message: str, code: int = EXIT_USAGE, *, error_code: str | None = None, field: str | None = None
+) -> NoReturn:
+    report_error(message, code, error_code=error_code, field=field)
     raise typer.Exit(code)
 
 
@@ -57,15 +96,19 @@ def client_for(ctx: typer.Context) -> Iterator[LoomClient]:
     """A signed client for the configured coordinator; errors become one-line exits."""
     try:
         config = globals_from(ctx).config()
+        config.checked_url()
         client = LoomClient.from_config(config)
+    except ConfigError as exc:
+        fail(str(exc), field=exc.field)
     except IdentityError as exc:
-        fail(str(exc))
+        fail(str(exc), field="key")
     try:
         yield client
     except LoomConnectionError as exc:
-        fail(str(exc), EXIT_UNREACHABLE)
+        fail(str(exc), EXIT_UNREACHABLE, error_code="unreachable")
     except LoomAPIError as exc:
-        fail(f"{exc.message} [{exc.code}]", EXIT_API)
+        message = exc.message if _Output.json_errors else f"{exc.message} [{exc.code}]"
+        fail(message, EXIT_API, error_code=exc.code, field=exc.field)
     except LoomError as exc:
         fail(str(exc), EXIT_API)
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,8 +42,8 @@ def jobs_client(ctx: typer.Context, name: str) -> Iterator[JobSubmissionClient]:
                 yield _job_client(f"http://127.0.0.1:{port}", cluster.ray_token)
             except typer.Exit:
                 raise  # a RuntimeError to click, but not an error here
-            except (RuntimeError, ConnectionError, ValueError) as exc:
-                fail(f"Ray Jobs API: {_first_line(exc)}", EXIT_API)
+            except Exception as exc:  # Ray's and aiohttp's errors: one line, no traceback
+                fail(f"Ray Jobs API: {_first_line(exc)}", EXIT_API, error_code="ray_jobs")
 
 
 def _job_client(address: str, token: str) -> JobSubmissionClient:
@@ -51,6 +52,14 @@ def _job_client(address: str, token: str) -> JobSubmissionClient:
 
     logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
     return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+
+
+def check_job_id(job_id: str) -> None:
+    if not job_id.strip() or any(c.isspace() or c == "/" for c in job_id):
+        fail(
+            f"job id {job_id!r} is not a job id; `loom job list NAME` shows them",
+            field="job_id",
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -75,7 +84,10 @@ def submit(
         if not working_dir.is_dir():
             fail(f"--working-dir {working_dir} is not a directory")
         runtime_env["working_dir"] = str(working_dir.resolve())
-    command = " ".join(entrypoint)
+    if not entrypoint:
+        fail("give the command to run after --, e.g. `-- python train.py`", field="entrypoint")
+    # One argv element per word as the user typed it: the shell on the head sees it quoted.
+    command = entrypoint[0] if len(entrypoint) == 1 else shlex.join(entrypoint)
     with jobs_client(ctx, name) as jobs:
         job_id = jobs.submit_job(entrypoint=command, runtime_env=runtime_env or None)
         if json_out and not follow:
@@ -94,6 +106,7 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="until the job ends")] = False,
 ) -> None:
     """Print a job's logs (with --follow: stream them until it ends; exit 1 if it failed)."""
+    check_job_id(job_id)
     with jobs_client(ctx, name) as jobs:
         if follow:
             raise typer.Exit(_follow(jobs, job_id))
@@ -143,6 +156,7 @@ def stop(
     job_id: Annotated[str, typer.Argument(help="job (submission) id")],
 ) -> None:
     """Stop a running job."""
+    check_job_id(job_id)
     with jobs_client(ctx, name) as jobs:
         stopped = jobs.stop_job(job_id)
     console.print(f"job {escape(job_id)} " + ("stopping" if stopped else "was not running"))

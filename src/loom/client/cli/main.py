@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
 import typer
@@ -17,6 +18,7 @@ from loom.client.cli import (
     ledger,
     market,
     nodes,
+    settings,
 )
 from loom.client.cli.common import Globals
 
@@ -25,8 +27,21 @@ app = typer.Typer(
     help="Loom: verified GPU supply, instant Ray clusters, per-second billing.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    rich_markup_mode=None,
 )
+
+
+def loom_version() -> str:
+    try:
+        return version("loom")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"loom {loom_version()}")
+        raise typer.Exit(0)
 
 
 @app.callback()
@@ -34,16 +49,27 @@ def main_options(
     ctx: typer.Context,
     coordinator: Annotated[
         str | None,
-        typer.Option(help="coordinator URL (else $LOOM_COORDINATOR, else http://127.0.0.1:8700)"),
+        typer.Option(
+            help="coordinator URL (else $LOOM_COORDINATOR, else `loom config`, "
+            "else http://127.0.0.1:8700)"
+        ),
     ] = None,
     key: Annotated[
-        str | None, typer.Option(help="key name to sign with (else $LOOM_KEY, else 'default')")
+        str | None,
+        typer.Option(help="key name to sign with (else $LOOM_KEY, else `loom config`, 'default')"),
     ] = None,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="print the version and exit"
+        ),
+    ] = False,
 ) -> None:
     ctx.obj = Globals(coordinator=coordinator, key=key)
 
 
 app.add_typer(keys.app, name="key")
+app.add_typer(settings.app, name="config")
 app.add_typer(cluster.app, name="cluster")
 app.command("nodes")(nodes.nodes)
 app.add_typer(credits.app, name="credits")

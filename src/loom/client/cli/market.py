@@ -17,7 +17,11 @@ from loom.core.spec import SpecError, format_duration, load_spec
 def offers(
     ctx: typer.Context,
     query: Annotated[
-        str, typer.Argument(help='e.g. "gpu=rtx4090 gpus>=2 region in [eu-west] price<=0.4"')
+        str,
+        typer.Argument(
+            metavar="QUERY",
+            help='e.g. "gpu=rtx4090 gpus>=2 region in [eu-west,us-east] price<=0.40"',
+        ),
     ] = "",
     sort: Annotated[str, typer.Option(help="price, reliability, vram, gpus… (-price: desc)")] = (
         "price"

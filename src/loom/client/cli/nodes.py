@@ -9,17 +9,27 @@ import typer
 from rich import box
 from rich.table import Table
 
-from loom.client.cli.common import ago, client_for, console, print_json, styled_state
+from loom.client.cli.common import ago, client_for, console, fail, print_json, styled_state
+from loom.core.models import NodeState
 from loom.protocol.api import NodeOut
+
+NODE_STATES = tuple(s.value for s in NodeState)
 
 
 def nodes(
     ctx: typer.Context,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     mine: Annotated[bool, typer.Option("--mine", help="only nodes owned by my key")] = False,
-    state: Annotated[str | None, typer.Option(help="only nodes in this state")] = None,
+    state: Annotated[
+        str | None, typer.Option(help=f"only nodes in this state: {', '.join(NODE_STATES)}")
+    ] = None,
 ) -> None:
     """List nodes with their state, region, devices and last heartbeat."""
+    if state is not None and state not in NODE_STATES:
+        fail(
+            f"--state {state!r} is not a node state; use one of: {', '.join(NODE_STATES)}",
+            field="state",
+        )
     with client_for(ctx) as client:
         owner = client.key.public_hex if mine else None
         rows = client.nodes(owner=owner, state=state)
