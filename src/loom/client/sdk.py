@@ -19,7 +19,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from loom.client.config import ClientConfig
 from loom.protocol.api import AccountOut, ClusterOut, ErrorBody, Health, NodeOut
-from loom.protocol.identity import KeyPair, sign_request
+from loom.protocol.identity import IdentityError, KeyPair, parse_key_hex, sign_request
 from loom.protocol.money import (
     BalanceOut,
     DepositRequest,
@@ -145,6 +145,11 @@ class LoomClient:
         return self._get("/v1/me", AccountOut)
 
     def nodes(self, *, owner: str | None = None, state: str | None = None) -> list[NodeOut]:
+        if owner is not None:
+            try:
+                parse_key_hex(owner, "owner")  # the one spelling the coordinator accepts
+            except IdentityError as exc:
+                raise LoomError(str(exc)) from None
         params = {k: v for k, v in (("owner", owner), ("state", state)) if v}
         return self._get_list("/v1/nodes", NodeOut, params=params)
 

@@ -24,6 +24,7 @@ from sqlalchemy import Table, select, update
 from loom.coordinator import provisioner
 from loom.coordinator.db.models import Cluster, Member
 from loom.coordinator.hub import AgentNotConnected, CommandFailed
+from loom.coordinator.loops.isolation import isolated
 from loom.coordinator.services import clusters as cluster_service
 from loom.coordinator.state import CoordinatorState
 from loom.core.models import ClusterState, MemberState
@@ -176,23 +177,36 @@ async def reconcile_step(state: CoordinatorState, now: float | None = None) -> d
     for cluster_id, cstate, expires_at, lease_until in clusters:
         if cluster_id in state.driving:
             continue
-        if cstate in ("running", "healing") and expires_at <= now:
-            if await _take_lease(state, cluster_id, now):
-                acted["expired"].append(cluster_id)
-                state.drive(
-                    cluster_id, provisioner.teardown(state, cluster_id, reason="duration expired")
-                )
-        elif cstate == "provisioning" and lease_until < now and now - lease_until > 0:
-            if await _take_lease(state, cluster_id, now):
-                acted["resumed"].append(cluster_id)
-                state.drive(cluster_id, provisioner.provision(state, cluster_id))
-        elif cstate == "terminating" and lease_until < now:
-            if await _take_lease(state, cluster_id, now):
-                acted["resumed"].append(cluster_id)
-                state.drive(cluster_id, provisioner.teardown(state, cluster_id))
-        elif cstate == "running":
-            await _retry_degraded(state, cluster_id, now, acted)
+        async with isolated("reconciler", cluster_id):  # one bad row never stops the rest
+            await _reconcile_one(state, cluster_id, cstate, expires_at, lease_until, now, acted)
     return acted
+
+
+async def _reconcile_one(
+    state: CoordinatorState,
+    cluster_id: str,
+    cstate: str,
+    expires_at: float,
+    lease_until: float,
+    now: float,
+    acted: dict[str, list[str]],
+) -> None:
+    if cstate in ("running", "healing") and expires_at <= now:
+        if await _take_lease(state, cluster_id, now):
+            acted["expired"].append(cluster_id)
+            state.drive(
+                cluster_id, provisioner.teardown(state, cluster_id, reason="duration expired")
+            )
+    elif cstate == "provisioning" and lease_until < now and now - lease_until > 0:
+        if await _take_lease(state, cluster_id, now):
+            acted["resumed"].append(cluster_id)
+            state.drive(cluster_id, provisioner.provision(state, cluster_id))
+    elif cstate == "terminating" and lease_until < now:
+        if await _take_lease(state, cluster_id, now):
+            acted["resumed"].append(cluster_id)
+            state.drive(cluster_id, provisioner.teardown(state, cluster_id))
+    elif cstate == "running":
+        await _retry_degraded(state, cluster_id, now, acted)
 
 
 async def _retry_degraded(

@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -127,11 +127,30 @@ class CoordinatorMetrics:
             registry=self.registry,
             buckets=LATENCY_BUCKETS,
         )
+        #: One row's failure in a background loop (isolated; the loop goes on with the rest).
+        self.loop_item_errors = Counter(
+            "loom_loop_item_errors",
+            "Items a background loop failed on (each isolated; the others still progress)",
+            ["loop"],
+            registry=self.registry,
+        )
         self.snapshot = Snapshot()
         self.registry.register(SnapshotCollector(self.snapshot))
 
 
 current: ContextVar[CoordinatorMetrics | None] = ContextVar("loom_metrics", default=None)
+
+#: Loop item errors counted outside any app (no registry current), by loop.
+unattached_loop_errors: dict[str, int] = {}
+
+
+def count_loop_item_error(loop: str) -> None:
+    """Count one isolated failure of a background loop's item (see loops/isolation.py)."""
+    metrics = current.get()
+    if metrics is not None:
+        metrics.loop_item_errors.labels(loop).inc()
+    else:
+        unattached_loop_errors[loop] = unattached_loop_errors.get(loop, 0) + 1
 
 
 def timed_placement(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:

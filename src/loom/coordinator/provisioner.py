@@ -20,6 +20,7 @@ from typing import Any
 
 from loom.coordinator.db.models import Cluster, Member
 from loom.coordinator.hub import AgentNotConnected, CommandFailed
+from loom.coordinator.loops.isolation import isolated
 from loom.coordinator.services import billing
 from loom.coordinator.services import clusters as cluster_service
 from loom.coordinator.state import CoordinatorState
@@ -266,7 +267,10 @@ async def teardown(
         cluster = await session.get(Cluster, cluster_id)
         assert cluster is not None
         now = time.time()
-        await billing.close_cluster(session, cluster_id, now, state.settings.fee_bps)
+        # A settlement that fails here (a poisoned row) must not keep the cluster alive:
+        # it ends anyway, and the settlement loop retries its escrow, isolated per cluster.
+        async with isolated("teardown", cluster_id), session.begin_nested():
+            await billing.close_cluster(session, cluster_id, now, state.settings.fee_bps)
         if failed_reason:
             cluster_service.transition(session, cluster, ClusterState.FAILED, failed_reason, now)
         else:

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from loom.coordinator.config import Settings
 from loom.coordinator.hub import AgentHub
+from loom.coordinator.metrics import count_loop_item_error
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class CoordinatorState:
         async def run() -> None:
             try:
                 await work
+            except Exception:  # isolated: logged and counted, other clusters unaffected
+                log.exception("driving cluster %s failed", cluster_id)
+                count_loop_item_error("drive")
             finally:
                 self.driving.discard(cluster_id)
 

@@ -360,7 +360,7 @@ class ClusterSpec(BaseModel):
         if isinstance(value, bool):
             raise ValueError("max_price must be a number of credits such as 0.40")
         if isinstance(value, float):
-            value = repr(value)  # shortest round-trip text: 0.4 -> "0.4", never 0.40000000001
+            value = Decimal(repr(value))  # shortest round trip: 0.4 -> 0.4, never 0.40000000001
         if isinstance(value, str | int | Decimal):
             return parse_credits(value)
         raise ValueError("max_price must be a number of credits such as 0.40")

@@ -75,7 +75,9 @@ class NodeUpdate(UserInput):
     """What a node's owner may change from the API."""
 
     price: str | None = Field(
-        default=None, description="credits per device-hour as a decimal string, or 'auto'"
+        default=None,
+        max_length=32,
+        description="credits per device-hour as a decimal string, or 'auto'",
     )
     name: str | None = Field(default=None, min_length=1, max_length=128)
 
@@ -99,6 +101,11 @@ class MemberOut(Response):
     reason: str = ""
     ready_at: float | None = None
     ended_at: float | None = None
+    confirmed: bool = Field(
+        default=False,
+        description="someone other than its own agent vouches that it runs: billed only then",
+    )
+    confirm_reason: str = ""
 
 
 class ClusterEventOut(Response):

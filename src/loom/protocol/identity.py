@@ -7,16 +7,23 @@ Every `/v1` HTTP request from the SDK carries four headers::
     X-Loom-Nonce      16+ random bytes, hex; never reused
     X-Loom-Signature  Ed25519 signature (hex) over `canonical_request(...)`
 
-The canonical string binds method, path, query (sorted), a SHA-256 of the body, the
-timestamp and the nonce, so no part of a request can be changed or replayed unnoticed.
+The canonical string binds method, path, the query string *exactly as sent*, a SHA-256
+of the body, the timestamp and the nonce, so no part of a request can be changed, reordered
+or replayed unnoticed. A query that names one parameter twice is refused outright
+(`duplicate_query_names`): which of the two a server reads is not something to sign.
+
+A public key has exactly one spelling everywhere: 64 lower-case hex digits
+(`parse_key_hex`). Any other spelling of the same key (upper case, spaces, an ``0x``
+prefix) is refused rather than normalized, so one keypair can never be two accounts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -36,6 +43,11 @@ MAX_CLOCK_SKEW_S = 60
 _REQUEST_DOMAIN = "LOOM-REQUEST-V1"
 _BINDING_DOMAIN = b"loom-node-binding:v1:"
 _AGENT_AUTH_DOMAIN = b"loom-agent-auth:v1:"
+
+#: The one spelling of a public key: 32 bytes as 64 lower-case hex digits.
+KEY_HEX_RE = re.compile(r"[0-9a-f]{64}")
+#: A signature: 64 bytes as 128 hex digits.
+_SIG_HEX_RE = re.compile(r"[0-9a-fA-F]{128}")
 
 
 class IdentityError(ValueError):
@@ -84,14 +96,38 @@ class KeyPair:
         return self.private.sign(message)
 
 
+def parse_key_hex(text: object, what: str = "public key") -> str:
+    """Return `text` if it is a public key in its one spelling, else raise IdentityError.
+
+    The spelling is 64 lower-case hex digits, nothing around them. Every edge (request
+    headers, JSON bodies, paths, queries, the agent handshake) calls this, so an account,
+    an owner binding and a payout destination can never differ by spelling alone.
+    """
+    if not isinstance(text, str):
+        raise IdentityError(f"{what} must be a string of 64 lower-case hex digits")
+    if KEY_HEX_RE.fullmatch(text):
+        return text
+    stripped = text.strip()
+    if stripped.lower().startswith("0x"):
+        hint = "drop the 0x prefix"
+    elif stripped != text:
+        hint = "remove the surrounding spaces"
+    elif KEY_HEX_RE.fullmatch(text.lower()):
+        hint = "write it in lower case"
+    elif len(text) != 64:
+        hint = f"it has {len(text)} characters, a key has 64"
+    else:
+        hint = "use only the digits 0-9 and a-f"
+    raise IdentityError(f"{what} must be exactly 64 lower-case hex digits: {hint}")
+
+
+def is_key_hex(text: object) -> bool:
+    return isinstance(text, str) and KEY_HEX_RE.fullmatch(text) is not None
+
+
 def parse_public_key(public_hex: str) -> Ed25519PublicKey:
-    """Parse a 64-hex-char Ed25519 public key or raise IdentityError."""
-    try:
-        raw = bytes.fromhex(public_hex)
-    except ValueError:
-        raise IdentityError("public key is not hex") from None
-    if len(raw) != 32:
-        raise IdentityError("public key must be 32 bytes (64 hex chars)")
+    """Parse a public key in its one spelling (see `parse_key_hex`) or raise IdentityError."""
+    raw = bytes.fromhex(parse_key_hex(public_hex))
     try:
         return Ed25519PublicKey.from_public_bytes(raw)
     except ValueError:
@@ -100,6 +136,8 @@ def parse_public_key(public_hex: str) -> Ed25519PublicKey:
 
 def verify_signature(public_hex: str, message: bytes, signature_hex: str) -> bool:
     """True when `signature_hex` is `public_hex`'s signature over `message`."""
+    if not isinstance(signature_hex, str) or not _SIG_HEX_RE.fullmatch(signature_hex):
+        return False
     try:
         key = parse_public_key(public_hex)
         signature = bytes.fromhex(signature_hex)
@@ -117,9 +155,23 @@ def body_digest(body: bytes) -> str:
 
 
 def canonical_query(query: str) -> str:
-    """Sort query parameters so that encoding differences do not break signatures."""
-    pairs = sorted(parse_qsl(query, keep_blank_values=True))
-    return urlencode(pairs)
+    """The query string as it is signed: exactly as sent, byte for byte.
+
+    (It used to be sorted, which let a reordered ``limit=1&limit=3`` keep a valid signature
+    while changing the value the server read.)
+    """
+    return query
+
+
+def duplicate_query_names(query: str) -> list[str]:
+    """The parameter names that occur more than once in `query` (refused at the edge)."""
+    seen: set[str] = set()
+    dupes: list[str] = []
+    for name, _value in parse_qsl(query, keep_blank_values=True):
+        if name in seen and name not in dupes:
+            dupes.append(name)
+        seen.add(name)
+    return dupes
 
 
 def canonical_request(
@@ -160,7 +212,7 @@ def sign_request(
 
 def node_id_for(node_public_hex: str) -> str:
     """A node's id is derived from its key, so a reconnecting agent keeps its id."""
-    return "n-" + hashlib.sha256(bytes.fromhex(node_public_hex)).hexdigest()[:12]
+    return "n-" + hashlib.sha256(bytes.fromhex(parse_key_hex(node_public_hex))).hexdigest()[:12]
 
 
 def binding_message(node_public_hex: str) -> bytes:

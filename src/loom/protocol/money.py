@@ -11,18 +11,31 @@ from pydantic import Field
 
 from loom.protocol.api import Response, UserInput
 
+#: The one syntax of an amount on the wire (see `loom.core.money.parse_credits`): ASCII
+#: digits, optionally a point and up to 6 more; no sign, exponent, '_' or other digits.
+AMOUNT_PATTERN = r"^[0-9]{1,13}(\.[0-9]{1,6})?$"
+AMOUNT_MAX_CHARS = 32
+
 
 class DepositRequest(UserInput):
-    amount: str = Field(description="credits as a decimal string, e.g. '50' or '12.5'")
+    amount: str = Field(
+        max_length=AMOUNT_MAX_CHARS,
+        description="credits as a decimal string, e.g. '50' or '12.5' "
+        f"(syntax {AMOUNT_PATTERN}; checked with a message naming the field)",
+    )
     idempotency_key: str | None = Field(
         default=None,
+        max_length=100,
         description="optional: a retried request with the same key is not minted twice",
     )
 
 
 class PayoutRequest(UserInput):
-    amount: str = Field(description="credits to withdraw from your settled earnings")
-    idempotency_key: str | None = None
+    amount: str = Field(
+        max_length=AMOUNT_MAX_CHARS,
+        description=f"credits to withdraw from your settled earnings (syntax {AMOUNT_PATTERN})",
+    )
+    idempotency_key: str | None = Field(default=None, max_length=100)
 
 
 class TxnReceipt(Response):

@@ -22,7 +22,12 @@ from loom.coordinator import tunnel
 from loom.coordinator.api.deps import get_state
 from loom.coordinator.hub import AgentConnection
 from loom.coordinator.services import nodes as node_service
-from loom.coordinator.services.handshake import HandshakeError, check_auth, refuse_old_protocol
+from loom.coordinator.services.handshake import (
+    HandshakeError,
+    check_auth,
+    check_inventory,
+    refuse_old_protocol,
+)
 from loom.coordinator.state import CoordinatorState
 from loom.core.models import NodeState
 from loom.protocol.messages import (
@@ -181,6 +186,7 @@ async def _serve(state: CoordinatorState, ws: WebSocket, conn: AgentConnection) 
         elif isinstance(msg, Report):
             await hub.dispatch_report(conn.node_id, msg, received_at)
         elif isinstance(msg, InventoryUpdate):
+            check_inventory(msg.inventory)  # a claim out of physical bounds closes (4003)
             async with state.session() as session:
                 node = await node_service.get_node(session, conn.node_id)
                 node_service.apply_inventory(node, msg.inventory)

@@ -42,6 +42,9 @@ from loom.protocol.money import (
 
 router = APIRouter(prefix="/v1", tags=["money"])
 
+#: The largest ledger sequence number a query may name (JSON-safe; far beyond any chain).
+MAX_SEQ = 2**53
+
 #: The payout rail; real rails are later adapters with the same interface.
 PAYOUTS: payouts.PayoutAdapter = payouts.LedgerPayouts()
 
@@ -98,7 +101,9 @@ async def history(
     session: SessionDep,
     caller: CallerDep,
     limit: int = Query(default=50, ge=1, le=1000),
-    before: int | None = Query(default=None, ge=1, description="only entries before this seq"),
+    before: int | None = Query(
+        default=None, ge=1, le=MAX_SEQ, description="only entries before this seq"
+    ),
 ) -> list[HistoryItem]:
     """Your movements (balance and earnings), newest first."""
     accounts = [core.user_account(caller), core.earnings_account(caller)]
@@ -201,7 +206,7 @@ async def verify(session: SessionDep, state: StateDep) -> LedgerVerifyOut:
 @router.get("/ledger/transactions", response_model=list[LedgerTxnOut], tags=["ledger"])
 async def transactions(
     session: SessionDep,
-    after: int = Query(default=0, ge=0, description="transactions with seq > after"),
+    after: int = Query(default=0, ge=0, le=MAX_SEQ, description="transactions with seq > after"),
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> list[LedgerTxnOut]:
     """The chain itself, in seq order (public): page with `after` = the last seq seen."""

@@ -12,6 +12,7 @@ from loom.coordinator.services import auth as auth_service
 from loom.coordinator.services import nodes as node_service
 from loom.core.models import NodeState
 from loom.protocol.api import AccountOut, NodeOut, NodeUpdate
+from loom.protocol.identity import IdentityError, parse_key_hex
 
 router = APIRouter(prefix="/v1", tags=["nodes"])
 
@@ -20,9 +21,16 @@ router = APIRouter(prefix="/v1", tags=["nodes"])
 async def list_nodes(
     session: SessionDep,
     _caller: CallerDep,
-    owner: str | None = Query(default=None, description="only this owner's nodes"),
-    state: str | None = Query(default=None, description="only nodes in this state"),
+    owner: str | None = Query(
+        default=None, max_length=64, description="only this owner's nodes (64 lower-case hex)"
+    ),
+    state: str | None = Query(default=None, max_length=16, description="only nodes in this state"),
 ) -> list[NodeOut]:
+    if owner is not None:
+        try:
+            parse_key_hex(owner, "owner")
+        except IdentityError as exc:
+            raise BadRequest("invalid_key", str(exc), field="owner") from None
     if state is not None and state not in {s.value for s in NodeState}:
         names = ", ".join(s.value for s in NodeState)
         raise BadRequest(

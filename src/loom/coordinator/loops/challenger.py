@@ -25,7 +25,8 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy import select
 
 from loom.coordinator.challenger import Challenger, Plan
-from loom.coordinator.db.models import Node
+from loom.coordinator.db.models import Device, Node
+from loom.coordinator.loops.isolation import isolated
 from loom.coordinator.services import verification as vsvc
 from loom.core.challenge import params_for
 from loom.core.models import DeviceState, NodeState
@@ -65,50 +66,62 @@ async def challenger_step(
         hist = await vsvc.recent_history(session, [d.id for d in devices], now)
     plans: dict[str, Plan] = {}
     for dev in devices:
-        node = nodes[dev.node_id]
-        cls = vsvc.device_class_for(dev, cfg)
-        if cls is None:
-            continue
-        params = params_for(cls)
-        h = hist.get(dev.id)
-        trigger: str | None = None
-        if dev.state == DeviceState.CLAIMED.value:
-            if h is None:
-                trigger = "initial"
-            elif h.attempts_24h < params.retries_per_day:
-                wait = 0.0
-                if h.last_outcome == "error":
-                    wait = min(
-                        cfg.error_retry_max_s, cfg.error_retry_s * 2 ** (h.errors_in_a_row - 1)
-                    )
-                if now - h.last_ended_at >= wait:
-                    trigger = "retry"
-        elif dev.state == DeviceState.FAILED.value:
-            if h is None or (
-                h.attempts_24h < params.retries_per_day
-                and now - h.last_ended_at >= cfg.failed_retry_s
-            ):
-                trigger = "retry"
-        elif (
-            dev.state == DeviceState.VERIFIED.value
-            and dev.allocated_units == 0
-            and node.state == NodeState.AVAILABLE.value
-        ):
-            duration = (
-                (h.last_pass_duration_s if h is not None else None)
-                or challenger.durations.get(dev.id)
-                or params.expected_duration_s
-            )
-            if rng() < recheck_probability(dt, duration, cfg.budget):
-                trigger = "recheck"
-        if trigger is not None:
-            plans.setdefault(dev.node_id, []).append((dev.id, trigger))
+        async with isolated("challenger", dev.id):
+            _decide(challenger, dev, nodes[dev.node_id], hist.get(dev.id), now, dt, rng, plans)
     for node_id, node in nodes.items():
-        if node_id in plans:
-            challenger.schedule(node_id, plans[node_id])
-        elif node.state == NodeState.VERIFYING.value:
-            await challenger.promote(node_id)
+        async with isolated("challenger", node_id):
+            if node_id in plans:
+                challenger.schedule(node_id, plans[node_id])
+            elif node.state == NodeState.VERIFYING.value:
+                await challenger.promote(node_id)
     return plans
+
+
+def _decide(
+    challenger: Challenger,
+    dev: Device,
+    node: Node,
+    h: vsvc.DeviceHistory | None,
+    now: float,
+    dt: float,
+    rng: Random,
+    plans: dict[str, Plan],
+) -> None:
+    """Whether one device is challenged now (and why), added to `plans`."""
+    cfg = challenger.config
+    cls = vsvc.device_class_for(dev, cfg)
+    if cls is None:
+        return
+    params = params_for(cls)
+    trigger: str | None = None
+    if dev.state == DeviceState.CLAIMED.value:
+        if h is None:
+            trigger = "initial"
+        elif h.attempts_24h < params.retries_per_day:
+            wait = 0.0
+            if h.last_outcome == "error":
+                wait = min(cfg.error_retry_max_s, cfg.error_retry_s * 2 ** (h.errors_in_a_row - 1))
+            if now - h.last_ended_at >= wait:
+                trigger = "retry"
+    elif dev.state == DeviceState.FAILED.value:
+        if h is None or (
+            h.attempts_24h < params.retries_per_day and now - h.last_ended_at >= cfg.failed_retry_s
+        ):
+            trigger = "retry"
+    elif (
+        dev.state == DeviceState.VERIFIED.value
+        and dev.allocated_units == 0
+        and node.state == NodeState.AVAILABLE.value
+    ):
+        duration = (
+            (h.last_pass_duration_s if h is not None else None)
+            or challenger.durations.get(dev.id)
+            or params.expected_duration_s
+        )
+        if rng() < recheck_probability(dt, duration, cfg.budget):
+            trigger = "recheck"
+    if trigger is not None:
+        plans.setdefault(dev.node_id, []).append((dev.id, trigger))
 
 
 def challenger_loop(challenger: Challenger) -> Callable[[], Awaitable[None]]:

@@ -1,7 +1,8 @@
 """Watchdog (Prefect-style): nodes that stop heart-beating become `offline`.
 
 A reconciler: flush what we observed (buffered heartbeats), read the facts from the
-database, decide, act, record. Idempotent, so any replica may run it at any time.
+database, decide, act, record. Idempotent, so any replica may run it at any time. Each
+node is isolated (a savepoint each; errors counted in ``loom_loop_item_errors_total``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from sqlalchemy import select
 
 from loom.coordinator.db.models import Node
+from loom.coordinator.loops.isolation import isolated
 from loom.coordinator.services import auth as auth_service
 from loom.coordinator.services import nodes as node_service
 from loom.coordinator.state import CoordinatorState
@@ -48,26 +50,32 @@ async def watchdog_step(state: CoordinatorState, now: float | None = None) -> li
         stmt = select(Node).where(Node.state.in_(_WATCHED), Node.last_heartbeat_at < cutoff)
         if session.bind is not None and session.bind.dialect.name == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True)
-        for node in (await session.execute(stmt)).scalars():
+        for node in list((await session.execute(stmt)).scalars()):
             seen = state.hub.heartbeats.last_seen(node.id)
             if seen is not None and seen >= cutoff:
                 # This replica heard from it recently: the database is only behind
                 # (a slow flush), the node is alive. Never take a live node offline.
                 continue
-            gap = now - max(node.last_heartbeat_at or now, seen or 0.0)
-            node_service.transition(
-                session, node, NodeState.OFFLINE, f"no heartbeat for {gap:.1f} s", now
-            )
-            node.connected_since = None
-            went_offline.append(node.id)
-        await auth_service.purge_nonces(session, now)
+            node_id = node.id
+            # Each node in its own savepoint: one row that cannot move never stops the rest.
+            async with isolated("watchdog", node_id):
+                async with session.begin_nested():
+                    gap = now - max(node.last_heartbeat_at or now, seen or 0.0)
+                    node_service.transition(
+                        session, node, NodeState.OFFLINE, f"no heartbeat for {gap:.1f} s", now
+                    )
+                    node.connected_since = None
+                went_offline.append(node_id)
+        async with isolated("watchdog", "nonces"), session.begin_nested():
+            await auth_service.purge_nonces(session, now)
         await session.commit()
     for node_id in went_offline:
-        conn = state.hub.connections.get(node_id)
-        if conn is not None:
-            # A connection that stopped beating is dead even if TCP has not noticed.
-            state.hub.detach(conn)
-            with contextlib.suppress(Exception):
-                await conn.ws.close(code=CLOSE_STALE, reason="heartbeat timeout; reconnect")
-        await state.hub.run_hooks(state.hub.on_offline, node_id)
+        async with isolated("watchdog", node_id):
+            conn = state.hub.connections.get(node_id)
+            if conn is not None:
+                # A connection that stopped beating is dead even if TCP has not noticed.
+                state.hub.detach(conn)
+                with contextlib.suppress(Exception):
+                    await conn.ws.close(code=CLOSE_STALE, reason="heartbeat timeout; reconnect")
+            await state.hub.run_hooks(state.hub.on_offline, node_id)
     return went_offline

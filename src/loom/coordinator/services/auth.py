@@ -10,10 +10,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loom.coordinator.db.models import Account, RequestNonce
-from loom.coordinator.errors import Unauthorized
+from loom.coordinator.errors import BadRequest, Unauthorized
 from loom.protocol import identity
 
-_NONCE_RE = re.compile(r"^[0-9a-fA-F]{16,128}$")
+_NONCE_RE = re.compile(r"[0-9a-fA-F]{16,128}")
 
 
 async def verify_request(
@@ -29,8 +29,10 @@ async def verify_request(
 ) -> str:
     """Check a signed request and record its nonce; return the caller's public key.
 
-    Refuses, with 401 and a code saying which: missing headers, a malformed key, a bad
-    signature, clock skew over `max_skew_s`, and a nonce already used by this key.
+    Refuses, with 401 and a code saying which: missing headers, a key in any spelling but
+    its one canonical form (64 lower-case hex digits), a bad signature, clock skew over
+    `max_skew_s`, and a nonce already used by this key. A query naming a parameter twice
+    is refused with 400 (the signature covers the query exactly as sent).
     """
     now = time.time() if now is None else now
     key = headers.get(identity.HEADER_KEY)
@@ -47,11 +49,20 @@ async def verify_request(
         identity.parse_public_key(key)
     except identity.IdentityError as exc:
         raise Unauthorized("auth_bad_key", f"X-Loom-Key: {exc}") from None
+    dupes = identity.duplicate_query_names(query)
+    if dupes:
+        raise BadRequest(
+            "duplicate_query_param",
+            f"query parameter {dupes[0]!r} is given more than once; give each parameter once",
+            field=dupes[0],
+        )
     try:
+        if not ts_text.isascii() or not ts_text.isdigit() or len(ts_text) > 12:
+            raise ValueError(ts_text)
         timestamp = int(ts_text)
     except ValueError:
         raise Unauthorized("auth_bad_timestamp", "X-Loom-Timestamp must be unix seconds") from None
-    if not _NONCE_RE.match(nonce):
+    if not _NONCE_RE.fullmatch(nonce):
         raise Unauthorized("auth_bad_nonce", "X-Loom-Nonce must be 16 to 128 hex characters")
     message = identity.canonical_request(method, path, query, body, timestamp, nonce)
     if not identity.verify_signature(key, message, signature):

@@ -13,12 +13,13 @@ import time
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loom.coordinator.db.models import Allocation, Cluster, ClusterEvent, Device, Member, Node
 from loom.coordinator.errors import BadRequest, Conflict, NotFound
 from loom.coordinator.metrics import timed_placement
-from loom.coordinator.services import allocation, billing
+from loom.coordinator.services import allocation, billing, confirmation
 from loom.coordinator.services import nodes as node_service
 from loom.coordinator.services.reliability import scores_now
 from loom.core.catalog import CPU_MODEL
@@ -123,12 +124,7 @@ async def create_cluster(
         )
     )
     if clash:
-        raise Conflict(
-            "cluster_exists",
-            f"you already have an active cluster named {name!r}; pick another name or "
-            f"`loom cluster down {name}` first",
-            field="name",
-        )
+        raise _name_taken(name)
     for _attempt in range(5):
         t_place = time.perf_counter()
         plan = await placement_for(
@@ -142,12 +138,41 @@ async def create_cluster(
         except allocation.ReservationConflict:
             await session.rollback()
             continue
+        except IntegrityError as exc:
+            await session.rollback()
+            if _is_name_clash(exc):  # a parallel create of the same name won the race
+                raise _name_taken(name) from None
+            raise
         cluster.timings_json = json.dumps(
             {"placement_s": placed_s, "reserve_s": time.perf_counter() - t_place - placed_s}
         )
-        await session.commit()
+        try:
+            await session.commit()
+        except IntegrityError as exc:
+            await session.rollback()
+            if _is_name_clash(exc):
+                raise _name_taken(name) from None
+            raise
         return cluster
     raise Conflict("busy", "capacity changed while placing five times in a row; try again")
+
+
+#: The partial unique index of migration 0006: one live cluster per (owner, name).
+NAME_INDEX = "uq_clusters_owner_live_name"
+
+
+def _name_taken(name: str) -> Conflict:
+    return Conflict(
+        "cluster_exists",
+        f"you already have an active cluster named {name!r}; pick another name or "
+        f"`loom cluster down {name}` first",
+        field="name",
+    )
+
+
+def _is_name_clash(exc: IntegrityError) -> bool:
+    text = str(exc.orig)
+    return NAME_INDEX in text or "clusters.owner_key, clusters.name" in text
 
 
 async def _reserve_plan(
@@ -275,6 +300,7 @@ async def cluster_out(
     session: AsyncSession, cluster: Cluster, *, detail: bool = True
 ) -> ClusterOut:
     members = await members_of(session, cluster.id)
+    now = time.time()
     names = {
         n.id: n.name
         for n in (
@@ -322,6 +348,8 @@ async def cluster_out(
                 reason=m.reason,
                 ready_at=m.ready_at,
                 ended_at=m.ended_at,
+                confirmed=confirmation.status_of(m, now).confirmed,
+                confirm_reason=confirmation.status_of(m, now).reason,
             )
             for m in members
         ],
