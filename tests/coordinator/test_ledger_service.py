@@ -20,6 +20,7 @@ from loom.coordinator.db.models import (
 )
 from loom.coordinator.errors import BadRequest, Conflict, PaymentRequired
 from loom.coordinator.services import billing, ledger
+from loom.coordinator.services import ledger_privacy as privacy
 from loom.core import ledger as core
 from loom.core.money import MICRO
 from loom.core.spec import parse_spec
@@ -89,10 +90,10 @@ async def test_verify_detects_tampering(sessions: async_sessionmaker[AsyncSessio
             await _deposit(s, f"d{i}", i + 1)
         await s.commit()
     async with sessions() as s:
+        alias = (await privacy.public_names(s, [core.user_account(USER)]))[core.user_account(USER)]
+        assert alias != core.user_account(USER)  # the chain holds a pseudonym, not the key
         await s.execute(
-            update(AccountBalance)
-            .where(AccountBalance.account == core.user_account(USER))
-            .values(balance_micro=1)
+            update(AccountBalance).where(AccountBalance.account == alias).values(balance_micro=1)
         )
         result = await ledger.verify(s)
         assert not result.ok and "account_balances" in (result.failure or "")
@@ -136,7 +137,9 @@ async def test_concurrent_posts_serialize(sessions: async_sessionmaker[AsyncSess
         holds = sum(1 for h in held if h is True)
         assert 1 <= holds <= 4  # 12 credits cover at most 4 holds of 3
         assert result.count == 12 + holds
-        assert result.balances[core.user_account(USER)] == (12 - 3 * holds) * MICRO
+        alias = (await privacy.public_names(s, [core.user_account(USER)]))[core.user_account(USER)]
+        assert result.balances[alias] == (12 - 3 * holds) * MICRO
+        assert await ledger.balance(s, core.user_account(USER)) == (12 - 3 * holds) * MICRO
 
 
 async def _cluster(s: AsyncSession, price_credits: str = "0.36", units: int = 2) -> Cluster:
@@ -188,6 +191,13 @@ async def _cluster(s: AsyncSession, price_credits: str = "0.36", units: int = 2)
     return cluster
 
 
+async def _confirmed_until(sessions: async_sessionmaker[AsyncSession], at: float) -> None:
+    """The member confirmed by a peer without a gap from ready (T0 + 10) until ``at``."""
+    async with sessions() as s:
+        await s.execute(update(Member).values(confirmed_s=at - (T0 + 10), confirmed_last=at))
+        await s.commit()
+
+
 async def test_hold_meter_settle_refund(sessions: async_sessionmaker[AsyncSession]) -> None:
     spec = parse_spec({"resources": {"cpus": 2}, "duration": "1h"})
     async with sessions() as s:
@@ -202,7 +212,8 @@ async def test_hold_meter_settle_refund(sessions: async_sessionmaker[AsyncSessio
         cluster = await _cluster(s)
         assert await billing.hold_for_cluster(s, cluster, spec, T0) == 720_000
         await s.commit()
-    # 100 s healthy at 0.72/h = 0.02 credits; 5 % fee.
+    # 100 s confirmed at 0.72/h = 0.02 credits; 5 % fee.
+    await _confirmed_until(sessions, T0 + 110.5)
     for _ in range(2):  # the same step twice pays once
         async with sessions() as s:
             report = await billing.meter_and_settle(s, T0 + 110.5, 500)
@@ -212,8 +223,10 @@ async def test_hold_meter_settle_refund(sessions: async_sessionmaker[AsyncSessio
         assert await ledger.balance(s, core.earnings_account(SUPPLIER)) == 19_000
         assert await ledger.balance(s, core.FEES) == 1_000
         meter = await s.scalar(select(MemberMeter))
-        assert meter is not None and meter.metered_until == T0 + 110
-        await s.execute(update(Member).values(state="released", ended_at=T0 + 200.9))
+        assert meter is not None and meter.billed_s == 100
+        await s.execute(
+            update(Member).values(state="released", ended_at=T0 + 200.9, confirmed_s=190.9)
+        )
         refund = await billing.close_cluster(s, "c-1", T0 + 300, 500)
         await s.commit()
     # 190 s in all = 0.038 credits; refund = 0.72 - 0.038
@@ -231,12 +244,14 @@ async def test_exhaustion_warns_then_stops(sessions: async_sessionmaker[AsyncSes
         cluster = await _cluster(s, price_credits="3.6", units=1)  # 1000 µ/s
         await billing.hold_for_cluster(s, cluster, parse_spec({"duration": "10m"}), T0)
         await s.commit()
+    await _confirmed_until(sessions, T0 + 70)
     async with sessions() as s:
         await billing.meter_and_settle(s, T0 + 70, 500)
         assert await billing.exhausted_clusters(s, T0 + 70, warn_s=900) == []
-        cluster = await s.get(Cluster, "c-1")
-        assert cluster is not None and cluster.reason.startswith("escrow runs out in 9m")
+        got = await s.get(Cluster, "c-1")
+        assert got is not None and got.reason.startswith("escrow runs out in 9m")
         await s.commit()
+    await _confirmed_until(sessions, T0 + 700)
     async with sessions() as s:
         await billing.meter_and_settle(s, T0 + 700, 500)
         assert await billing.exhausted_clusters(s, T0 + 700) == ["c-1"]

@@ -18,6 +18,7 @@ from loom.core.ledger_verify import verify_chain
 from loom.protocol.identity import KeyPair
 from support.fakeagent import FakeAgents, force_available
 from support.servers import CoordinatorThread, free_port, wait_for
+from support.vouch import vouch
 
 
 @pytest.fixture
@@ -206,7 +207,11 @@ def test_escrow_metering_settlement_refund_and_payout(
     assert client.balance().model_dump()["escrowed"] == "36"
     running = client.wait_cluster("pay", timeout=20)
     assert running.state == "running"
+    # Fake agents run no Ray: nobody vouches for them, so nothing would be billed. Stand in
+    # for the honest peer that confirms the member twice, 2.2 s apart.
+    assert coordinator.run_coro(vouch(coordinator.state.session, running.id)) == 1
     time.sleep(2.2)
+    coordinator.run_coro(vouch(coordinator.state.session, running.id))
     step = coordinator.run_coro(run_settlement(coordinator.state))
     assert step.transactions == 1 and step.settled_micro >= 20_000
     with LoomClient(coordinator.url, supplier) as s:

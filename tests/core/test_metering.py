@@ -213,3 +213,57 @@ def test_metering_into_the_ledger_conserves(
     assert paid + led.balance(f"user:{user}") == hold
     assert paid <= price * n * sum(ticks) // 3600
     assert lv.verify_chain(led.txns).ok
+
+
+# --------------------------------------------------------------------------- confirmed time
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(min_value=0, max_value=10_000, allow_nan=False), max_size=40),
+    st.floats(min_value=0.5, max_value=100, allow_nan=False),
+)
+def test_confirmed_time_is_bounded_by_the_span_and_the_gaps(
+    times: list[float], max_gap: float
+) -> None:
+    c = m.Confirmation()
+    for at in times:
+        c = c.observe(at, max_gap)
+    seen = sorted(set(times))
+    if not seen:
+        assert c == m.Confirmation()
+        return
+    # Never more than the span between the first and the last confirmation...
+    assert 0 <= c.confirmed_s <= max(times) - min(times) + 1e-6
+    # ...and never a gap longer than max_gap; out-of-order observations add nothing.
+    in_order, last = 0.0, None
+    for at in times:
+        if last is not None and at > last:
+            in_order += at - last if at - last <= max_gap else 0.0
+        if last is None or at > last:
+            last = at
+    assert abs(c.confirmed_s - in_order) < 1e-6
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(min_value=0, max_value=1e6, allow_nan=False), st.integers(0, 10**6))
+def test_billable_seconds_never_negative_nor_more_than_confirmed(
+    confirmed: float, billed: int
+) -> None:
+    got = m.billable_seconds(confirmed, billed)
+    assert got >= 0 and billed + got <= max(billed, int(confirmed))
+
+
+def test_confirmation_examples() -> None:
+    c = m.Confirmation().observe(100, 30)
+    assert c.confirmed_s == 0 and c.last_at == 100  # the first one only starts the count
+    c = c.observe(110, 30).observe(120, 30)
+    assert c.confirmed_s == 20 and c.is_current(140, 30) and not c.is_current(151, 30)
+    c = c.observe(200, 30)  # 80 s unconfirmed: not counted
+    assert c.confirmed_s == 20 and c.last_at == 200
+    assert c.observe(150, 30) == c  # late, out of order
+    assert m.billable_seconds(20.9, 0) == 20 and m.billable_seconds(20.9, 25) == 0
+    with pytest.raises(m.MeteringError):
+        c.observe(300, 0)
+    with pytest.raises(m.MeteringError):
+        m.billable_seconds(-1, 0)

@@ -8,6 +8,8 @@ Commands (each answered by an ack; repeating one for the same member is a no-op)
 - ``member.stop`` {member_id} → stops the whole process tree and removes its files.
 - ``member.sync`` {members: [ids]} → stops every local member not in the list (after a
   coordinator restart or a long disconnect) and reports the ones still running.
+- ``member.seen`` {member_id} → {alive: [Ray node ids]}: what that member's node sees
+  ALIVE in the head's GCS (the coordinator confirms the *other* members with it).
 
 A health loop watches running members; a dead Ray node is reported as ``member.lost``.
 """
@@ -75,6 +77,7 @@ class MemberManager:
             "member.start": self.start,
             "member.stop": self.stop,
             "member.sync": self.sync,
+            "member.seen": self.seen,
         }
 
     async def cleanup_leftovers(self) -> list[str]:
@@ -199,6 +202,21 @@ class MemberManager:
                 await self.stop({"member_id": member_id})
                 stopped.append(member_id)
         return {"stopped": stopped, "running": sorted(self.info)}
+
+    async def seen(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The Ray node ids the head's GCS lists ALIVE, as this member's node sees them.
+
+        The coordinator uses the answer to confirm the cluster's *other* members (billing
+        only counts time that someone other than a member's own agent vouched for).
+        """
+        member_id = str(args.get("member_id", ""))
+        node = self.nodes.get(member_id)
+        if node is None or member_id not in self.info:
+            raise RayNodeError(f"member {member_id} is not running here")
+        health = await node.health()
+        if not health.healthy:
+            raise RayNodeError(health.detail or "the Ray node is not healthy")
+        return {"alive": list(health.alive_ids)}
 
     async def stop_all(self) -> None:
         if self._health_task is not None:

@@ -109,6 +109,8 @@ class NodeHealth:
     node_alive: bool
     node_id: str | None = None
     detail: str = ""
+    #: Ray node ids the head's GCS lists ALIVE, as this node sees them.
+    alive_ids: tuple[str, ...] = ()
 
     @property
     def healthy(self) -> bool:
@@ -315,11 +317,13 @@ class RayNode:
         result = _parse_probe(stdout)
         alive = result.get("status") == "alive"
         node_id = result.get("node_id")
+        seen = result.get("alive_ids")
         return NodeHealth(
             handle.alive(),
             alive,
             node_id=str(node_id) if node_id else None,
             detail="" if alive else f"GCS at {self.gcs_address}: {result}",
+            alive_ids=tuple(str(i) for i in seen) if isinstance(seen, list) else (),
         )
 
     async def wait_exit(self) -> int:

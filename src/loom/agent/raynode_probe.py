@@ -7,7 +7,9 @@ It runs in its own process because Ray's C++ client caches the auth token per pr
 and one agent may host members of several clusters, each with its own token (taken from
 ``RAY_AUTH_TOKEN`` in this process's environment, never from the command line). A node
 is identified by its raylet's address and port, which are unique per member (its port
-block). Before building a GCS client (which retries for tens of seconds against a closed
+block). The answer also lists every node id the GCS has ALIVE (``alive_ids``): that is
+how one member's agent vouches for the other members (confirmed readiness, billing).
+Before building a GCS client (which retries for tens of seconds against a closed
 port) it checks that the GCS port accepts TCP connections.
 """
 
@@ -38,10 +40,12 @@ def _tcp_open(address: str, timeout: float = 1.0) -> bool:
 
 
 def _find(nodes: dict[Any, Any], node_ip: str, port: int) -> dict[str, Any]:
-    found: dict[str, Any] = {"status": "absent", "alive_nodes": 0}
+    found: dict[str, Any] = {"status": "absent", "alive_nodes": 0, "alive_ids": []}
     for node_id, info in nodes.items():
         alive = int(info.state) == ALIVE
         found["alive_nodes"] += int(alive)
+        if alive:  # what this node sees of its cluster (confirms the *other* members)
+            found["alive_ids"].append(node_id.hex())
         ours = info.node_manager_address == node_ip and int(info.node_manager_port) == port
         if ours and (alive or found["status"] != "alive"):
             found.update(

@@ -18,10 +18,12 @@ from loom.coordinator.api import tunnel as tunnel_api
 from loom.coordinator.api.limits import BodyLimitMiddleware
 from loom.coordinator.challenger import Challenger
 from loom.coordinator.config import Settings
+from loom.coordinator.confirmation import confirm_step
 from loom.coordinator.db.engine import create_engine, migrate, session_factory
 from loom.coordinator.loops.challenger import challenger_loop
 from loom.coordinator.loops.settlement import settlement_step
 from loom.coordinator.loops.watchdog import flush_heartbeats, watchdog_step
+from loom.coordinator.services.confirmation import CONFIRM_INTERVAL_S
 from loom.coordinator.services.lifecycle import activate_on_connect
 from loom.coordinator.state import CoordinatorState
 from loom.protocol.messages import Report
@@ -77,6 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
         state.spawn_loop("heartbeat-flush", settings.heartbeat_flush_s, flusher)
         state.spawn_loop("challenger", challenger.config.loop_s, challenger_loop(challenger))
         state.spawn_loop("settlement", settings.settle_interval_s, lambda: settlement_step(state))
+        state.spawn_loop("confirmation", CONFIRM_INTERVAL_S, lambda: confirm_step(state))
         explorer_api.start(_app)
         log.info("coordinator ready on %s:%s (db %s)", settings.host, settings.port, engine.url)
         try:

@@ -18,11 +18,13 @@ import time
 from dataclasses import replace as dc_replace
 from typing import Any
 
+from loom.coordinator import confirmation
 from loom.coordinator.db.models import Cluster, Member
 from loom.coordinator.hub import AgentNotConnected, CommandFailed
 from loom.coordinator.loops.isolation import isolated
 from loom.coordinator.services import billing
 from loom.coordinator.services import clusters as cluster_service
+from loom.coordinator.services import confirmation as confirmation_service
 from loom.coordinator.state import CoordinatorState
 from loom.core.models import ClusterState, MemberState
 from loom.core.placement import PlacementFailure
@@ -74,15 +76,32 @@ async def start_member(state: CoordinatorState, cluster_id: str, member_id: str)
         # Same clock only when agent and coordinator share a machine; clamp skew away.
         ack.result["delivery_s"] = max(0.0, min(float(received) - sent_at, now - sent_at))
     ack.result["start_s"] = now - sent_at
+    ray_node_id = str(ack.result.get("ray_node_id", ""))[:64]
     async with state.session() as session:
         member = await session.get(Member, member_id)
         assert member is not None
         if member.state == MemberState.STARTING.value:
             member.state = MemberState.READY.value
             member.ready_at = now
-            member.ray_node_id = str(ack.result.get("ray_node_id", ""))[:64]
+            member.ray_node_id = ray_node_id
+            member.confirm_note = confirmation_service.NOT_YET
+        role = member.role
         await session.commit()
+    if role != "head":  # the head is asked once its addresses are stored (provision)
+        confirm_soon(state, cluster_id)
     return ack.result
+
+
+def confirm_soon(state: CoordinatorState, cluster_id: str) -> None:
+    """Billing starts only once someone other than a member's agent confirms it: ask now."""
+    state.track(asyncio.create_task(_confirm(state, cluster_id)))
+
+
+async def _confirm(state: CoordinatorState, cluster_id: str) -> None:
+    try:
+        await confirmation.confirm_cluster(state, cluster_id)
+    except Exception:
+        log.exception("confirming the members of %s failed", cluster_id)
 
 
 async def fail_member(state: CoordinatorState, member_id: str, reason: str) -> str:
@@ -168,6 +187,7 @@ async def provision(state: CoordinatorState, cluster_id: str) -> None:
                 cluster.dashboard_url = str(info.get("dashboard_url") or "")
                 cluster.client_address = str(info.get("client_address") or "")
                 await session.commit()
+            confirm_soon(state, cluster_id)
             timings["head_s"] = time.time() - t0
         t_workers = time.time()
         results = await asyncio.gather(

@@ -16,6 +16,16 @@ emitted equals ``floor(exact total)``: never more than the exact cost and never 
 than one micro-credit less. The coordinator persists ``carry`` (and, for display,
 ``emitted_micro``) per cluster member.
 
+Confirmed time
+--------------
+A member is billed only for time that a party other than its own agent confirmed (the
+head's GCS as seen by another member's agent, or the coordinator's probe of the head).
+:class:`Confirmation` folds those observations into ``confirmed_s``: the gap between two
+consecutive confirmations counts only when it is at most ``max_gap`` seconds, so a member
+nobody vouched for in a while accrues nothing for that while. The time before the first
+confirmation and after the last one is never counted. Billing then accrues the whole
+confirmed seconds not billed yet (:func:`billable_seconds`).
+
 Fees
 ----
 The platform fee is taken in basis points and rounds **down** (:func:`fee_split`): the
@@ -107,6 +117,50 @@ class Accrual:
         total = self.carry + price_micro_per_device_hour * devices * seconds
         whole, carry = divmod(total, SECONDS_PER_HOUR)
         return Accrual(carry=carry, emitted_micro=self.emitted_micro + whole), whole
+
+
+# --------------------------------------------------------------------------- confirmed time
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    """Confirmed seconds of one member so far, and when it was last confirmed."""
+
+    confirmed_s: float = 0.0
+    last_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.confirmed_s < 0:
+            raise MeteringError(f"confirmed_s must not be negative, got {self.confirmed_s}")
+
+    def observe(self, at: float, max_gap: float) -> Confirmation:
+        """Fold in one confirmation at ``at``; an out-of-order or repeated one changes nothing.
+
+        The time since the previous confirmation counts if it is at most ``max_gap``.
+        """
+        if max_gap <= 0:
+            raise MeteringError(f"max_gap must be positive, got {max_gap}")
+        if at < 0:
+            raise MeteringError(f"confirmation time must not be negative, got {at}")
+        if self.last_at is None:
+            return Confirmation(self.confirmed_s, at)
+        gap = at - self.last_at
+        if gap <= 0:
+            return self
+        counted = gap if gap <= max_gap else 0.0
+        return Confirmation(self.confirmed_s + counted, at)
+
+    def is_current(self, now: float, max_gap: float) -> bool:
+        """Whether the member counts as confirmed at ``now`` (seen within ``max_gap``)."""
+        return self.last_at is not None and now - self.last_at <= max_gap
+
+
+def billable_seconds(confirmed_s: float, billed_s: int) -> int:
+    """Whole confirmed seconds not billed yet (never negative)."""
+    _non_negative("billed_s", billed_s)
+    if confirmed_s < 0:
+        raise MeteringError(f"confirmed_s must not be negative, got {confirmed_s}")
+    return max(0, int(confirmed_s) - billed_s)
 
 
 # --------------------------------------------------------------------------- healthy time

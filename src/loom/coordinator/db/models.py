@@ -83,6 +83,9 @@ class Device(Base):
     #: Units held by cluster members (GPU: 0 or 1; CPU: cores). Changed only by conditional
     #: UPDATEs, so two requests can never allocate the same unit.
     allocated_units: Mapped[int] = mapped_column(Integer, default=0)
+    #: Units the hardware challenge measured (a CPU: cores of parallel throughput); what
+    #: is offered is at most this, whatever ``count`` claims. None: not measured yet.
+    verified_units: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (Index("ix_devices_model_state", "model", "state"),)
 
@@ -144,6 +147,11 @@ class Member(Base):
     ready_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     ray_node_id: Mapped[str] = mapped_column(String(64), default="")
+    #: Confirmed time (loom.core.metering.Confirmation): only this is billed.
+    confirmed_s: Mapped[float] = mapped_column(Float, default=0.0)
+    confirmed_last: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Who confirmed it last, or why it is not confirmed (shown in the cluster's status).
+    confirm_note: Mapped[str] = mapped_column(Text, default="")
 
 
 class Allocation(Base):
@@ -240,6 +248,23 @@ class MemberMeter(Base):
     #: accrued but never covered (the escrow ran dry); written off at close
     written_off_micro: Mapped[int] = mapped_column(BigInteger, default=0)
     closed: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: whole confirmed seconds accrued so far (Member.confirmed_s is the source)
+    billed_s: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class LedgerAlias(Base):
+    """The pseudonym under which a private account appears in the public ledger.
+
+    ``user:<key>`` and ``escrow:<cluster>`` get a random alias the first time money moves
+    (``user:<64 random hex>``, ``escrow:e<24 random hex>``); accounts that existed before
+    pseudonyms map to themselves. The row ``secret:keys`` holds the key under which
+    idempotency keys are hashed before they enter the chain. Never served publicly.
+    """
+
+    __tablename__ = "ledger_aliases"
+
+    account: Mapped[str] = mapped_column(String(80), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(80), unique=True)
 
 
 # --------------------------------------------------------------------------- verification

@@ -7,9 +7,12 @@ did a whole settlement or none of it; settlement idempotency keys are derived fr
 member and its metering state, so a retry of the same step maps to the same key.
 
 * hold: at cluster creation, ``escrow_needed(price, devices, duration)`` summed over the
-  placed members moves from ``user:<owner>`` to ``escrow:<cluster>``.
-* metering: a member accrues from ``ready_at`` to ``ended_at`` (or now) in whole seconds
-  through `loom.core.metering.Accrual` (exact carry, never rounded per period).
+  placed members moves from ``user:<owner>`` to ``escrow:<cluster>`` (both appear in the
+  public chain only under random aliases; meta holds no cluster id, name or memo).
+* metering: a member accrues its *confirmed* time only (``Member.confirmed_s``, folded in
+  by `services.confirmation` from observations by parties other than its own agent), in
+  whole seconds through `loom.core.metering.Accrual` (exact carry, never rounded per
+  period). Time nobody else vouched for is not billed, so not paid either.
 * settlement: what accrued moves from the escrow to ``earnings:<node owner>`` minus the
   platform fee; capped pro rata by what the escrow holds.
 * close: after teardown, the last seconds are settled, what the escrow could not cover
@@ -25,7 +28,14 @@ from dataclasses import dataclass, field
 from sqlalchemy import literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from loom.coordinator.db.models import AccountBalance, Cluster, Member, MemberMeter, Node
+from loom.coordinator.db.models import (
+    AccountBalance,
+    Cluster,
+    LedgerAlias,
+    Member,
+    MemberMeter,
+    Node,
+)
 from loom.coordinator.errors import PaymentRequired
 from loom.coordinator.services import ledger
 from loom.core import ledger as core
@@ -33,6 +43,7 @@ from loom.core.metering import (
     SECONDS_PER_HOUR,
     Accrual,
     EscrowStatus,
+    billable_seconds,
     cap_pro_rata,
     cost_micro,
     escrow_needed,
@@ -84,7 +95,7 @@ async def hold_for_cluster(
         core.HOLD,
         f"hold:{cluster.id}",
         core.hold_entries(cluster.owner_key, cluster.id, amount),
-        {"cluster": cluster.id, "memo": f"escrow for {cluster.name}"},
+        {"memo": "escrow"},  # public: no cluster id, no name (see ledger_privacy)
         now,
     )
     return amount
@@ -140,18 +151,21 @@ async def _meter_members(
                 paid_micro=0,
                 written_off_micro=0,
                 closed=False,
+                billed_s=0,
             )
             session.add(meter)
         if not meter.closed:
-            end = member.ended_at if member.ended_at is not None else now
-            seconds = int(max(0.0, min(end, now) - meter.metered_until))
+            # Only confirmed time is billed (Member.confirmed_s, see services.confirmation).
+            seconds = billable_seconds(member.confirmed_s, meter.billed_s or 0)
             if seconds > 0:
                 accrual, whole = Accrual(carry=meter.carry).add(
                     member.price_micro, member.units, seconds
                 )
                 meter.carry = accrual.carry
                 meter.accrued_micro += whole
-                meter.metered_until += seconds
+                meter.billed_s = (meter.billed_s or 0) + seconds
+            end = member.ended_at if member.ended_at is not None else now
+            meter.metered_until = max(meter.metered_until, min(end, now))
         out[member.cluster_id].append(_Metered(member, owner, meter))
     return out
 
@@ -184,9 +198,7 @@ async def meter_and_settle(
                 core.SETTLE,
                 key,
                 core.settle_entries(cluster_id, {item.supplier: share}, fee_bps),
-                core.settle_meta(
-                    fee_bps, cluster=cluster_id, member=meter.member_id, node=item.member.node_id
-                ),
+                core.settle_meta(fee_bps, node=item.member.node_id),
                 now,
             )
             to_supplier, _fee = fee_split(share, fee_bps)
@@ -212,7 +224,7 @@ async def refund_cluster(session: AsyncSession, cluster_id: str, now: float) -> 
         core.REFUND,
         f"refund:{cluster_id}:{left}",
         core.refund_entries(cluster_id, cluster.owner_key, left),
-        {"cluster": cluster_id, "memo": f"unused escrow of {cluster.name}"},
+        {"memo": "unused escrow"},
         now,
     )
     return left
@@ -303,7 +315,8 @@ async def escrowed_by(session: AsyncSession, owner: str) -> int:
     """Credit held in the escrows of ``owner``'s clusters."""
     rows = await session.execute(
         select(AccountBalance.balance_micro)
-        .join(Cluster, AccountBalance.account == literal("escrow:") + Cluster.id)
+        .join(LedgerAlias, LedgerAlias.alias == AccountBalance.account)
+        .join(Cluster, LedgerAlias.account == literal("escrow:") + Cluster.id)
         .where(Cluster.owner_key == owner)
     )
     return sum(int(b) for (b,) in rows)
@@ -332,10 +345,9 @@ async def earnings(
     clusters: dict[str, EarningLine] = {}
     for member, node_name, meter in rows:
         assert member.ready_at is not None
-        since = meter.metered_until if meter is not None else member.ready_at
         closed = meter is not None and meter.closed
-        end = member.ended_at if member.ended_at is not None else now
-        seconds = int(max(0.0, end - since))
+        billed = (meter.billed_s or 0) if meter is not None else 0
+        seconds = billable_seconds(member.confirmed_s, billed)
         live = 0 if closed else cost_micro(member.price_micro, member.units, seconds)
         settled = meter.settled_micro if meter is not None else 0
         paid = meter.paid_micro if meter is not None else 0
@@ -368,7 +380,8 @@ async def ended_with_escrow(session: AsyncSession) -> list[str]:
     """Ended clusters that still hold escrow (a teardown interrupted before its refund)."""
     rows = await session.execute(
         select(Cluster.id)
-        .join(AccountBalance, AccountBalance.account == literal("escrow:") + Cluster.id)
+        .join(LedgerAlias, LedgerAlias.account == literal("escrow:") + Cluster.id)
+        .join(AccountBalance, AccountBalance.account == LedgerAlias.alias)
         .where(Cluster.state.in_(("terminated", "failed")), AccountBalance.balance_micro > 0)
     )
     return sorted(rows.scalars())

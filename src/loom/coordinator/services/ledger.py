@@ -9,11 +9,16 @@ takes the database's one write lock before anything is read — so posts are ser
 and a reader never decides on a stale head or balance. Whatever else the caller changed
 in the same DB transaction (metering state, a cluster's devices) commits or rolls back
 together with the ledger rows, which is what makes a crash at any moment harmless.
+
+Private account names (``user:<key>``, ``escrow:<cluster>``) and idempotency keys enter
+the chain as pseudonyms (`ledger_privacy`); every function here takes and returns the
+private names, so callers never see the difference.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import queue
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -25,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from loom.coordinator.db.models import AccountBalance, LedgerEntry, LedgerHead, LedgerTransaction
 from loom.coordinator.errors import BadRequest, Conflict, PaymentRequired
+from loom.coordinator.services import ledger_privacy as privacy
 from loom.core import ledger as core
 from loom.core import ledger_verify as lv
 from loom.core.ledger import Entry, Transaction
@@ -108,8 +114,24 @@ def _txn(row: _TxnRow, entries: Iterable[tuple[str, int]]) -> Transaction:
 
 
 async def get_by_key(session: AsyncSession, key: str) -> Transaction | None:
+    """The transaction posted under ``key``, its accounts under their private names."""
+    txn = await _get_public(session, key)
+    return None if txn is None else await _privately(session, txn)
+
+
+async def _privately(session: AsyncSession, txn: Transaction) -> Transaction:
+    """``txn`` with its accounts under their private names (its hash is of the public form)."""
+    names = await privacy.private_names(session, [e.account for e in txn.entries])
+    entries = core.canonical_entries((names[a], m) for a, m in txn.entries)
+    return dataclasses.replace(txn, entries=entries)
+
+
+async def _get_public(session: AsyncSession, key: str) -> Transaction | None:
+    public = await privacy.public_key(session, key)  # as the chain holds it
     row = (
-        await session.execute(select(*_TXN_COLUMNS).where(LedgerTransaction.idempotency_key == key))
+        await session.execute(
+            select(*_TXN_COLUMNS).where(LedgerTransaction.idempotency_key.in_({public, key}))
+        )
     ).first()
     if row is None:
         return None
@@ -120,21 +142,30 @@ async def get_by_key(session: AsyncSession, key: str) -> Transaction | None:
 
 
 async def balances_of(session: AsyncSession, accounts: Sequence[str]) -> dict[str, int]:
+    """Balances by account name (private names are looked up under their public alias)."""
     if not accounts:
         return {}
+    names = await privacy.public_names(session, accounts)
+    back = {v: k for k, v in names.items()}
+    rows = await session.execute(
+        select(AccountBalance.account, AccountBalance.balance_micro).where(
+            AccountBalance.account.in_(list(back))
+        )
+    )
+    return {back[a]: int(b) for a, b in rows}
+
+
+async def balance(session: AsyncSession, account: str) -> int:
+    return (await balances_of(session, [account])).get(account, 0)
+
+
+async def _public_balances(session: AsyncSession, accounts: Sequence[str]) -> dict[str, int]:
     rows = await session.execute(
         select(AccountBalance.account, AccountBalance.balance_micro).where(
             AccountBalance.account.in_(list(accounts))
         )
     )
     return {a: int(b) for a, b in rows}
-
-
-async def balance(session: AsyncSession, account: str) -> int:
-    value = await session.scalar(
-        select(AccountBalance.balance_micro).where(AccountBalance.account == account)
-    )
-    return int(value or 0)
 
 
 async def post(
@@ -147,19 +178,26 @@ async def post(
 ) -> Transaction:
     """Append one transaction (or return the stored one for a replayed key).
 
+    The transaction comes back with its accounts under their private names; the chain
+    (and the returned hash) holds their public aliases.
+
     Raises Conflict (409) when the key was used for a different movement, PaymentRequired
     (402) naming the shortfall when a balance would go negative, BadRequest (400) when the
     movement breaks the ledger's rules. Nothing is written in any of those cases.
     """
     seq, head = await lock_head(session)
-    canon = core.canonical_entries(entries)
-    existing = await get_by_key(session, key)
+    # The chain is public: private account names and keys enter it as pseudonyms.
+    given = list(entries)
+    names = await privacy.public_names(session, [e[0] for e in given], create=True)
+    canon = core.canonical_entries((names[a], m) for a, m in given)
+    asked_key, key = key, await privacy.public_key(session, key, create=True)
+    existing = await _get_public(session, asked_key)
     if existing is not None:
         if core.same_request(existing, kind, canon, meta):
-            return existing
+            return await _privately(session, existing)
         raise Conflict(
             "idempotency_conflict",
-            f"idempotency key {key!r} was already used for a different {existing.kind}; "
+            f"idempotency key {asked_key!r} was already used for a different {existing.kind}; "
             "use a new key for a new request",
         )
     try:
@@ -169,20 +207,22 @@ async def post(
     except core.LedgerError as exc:
         raise BadRequest("invalid_transaction", str(exc)) from None
     accounts = [e.account for e in txn.entries]
-    current = await balances_of(session, accounts)
+    current = await _public_balances(session, accounts)
     working = dict(current)
     try:
         core.apply(working, txn)
     except core.InsufficientFunds as exc:
         raise PaymentRequired(
             "insufficient_funds",
-            f"{exc.account} holds {format_credits(exc.balance_micro)} credits, short by "
+            f"{_named(names, exc.account)} holds {format_credits(exc.balance_micro)} credits, "
+            f"short by "
             f"{format_credits(exc.shortfall_micro)}",
         ) from None
     for account in accounts:
         if abs(working[account]) > BALANCE_LIMIT:
             raise BadRequest(
-                "amount_too_large", f"{account} would exceed the ledger's balance limit"
+                "amount_too_large",
+                f"{_named(names, account)} would exceed the ledger's balance limit",
             )
     await session.execute(
         insert(LedgerTransaction).values(
@@ -212,7 +252,12 @@ async def post(
     await session.execute(
         update(LedgerHead).where(LedgerHead.id == HEAD_ID).values(seq=txn.seq, hash=txn.hash)
     )
-    return txn
+    return await _privately(session, txn)
+
+
+def _named(names: Mapping[str, str], public: str) -> str:
+    """The private name behind a public alias, for the caller's own error messages."""
+    return next((a for a, b in names.items() if b == public), public)
 
 
 # --------------------------------------------------------------------------- reading
@@ -362,9 +407,11 @@ async def history(
     session: AsyncSession, accounts: Sequence[str], *, limit: int = 100, before: int | None = None
 ) -> list[tuple[Transaction, str, int]]:
     """Entries on ``accounts``, newest first: (transaction, account, amount)."""
+    names = await privacy.public_names(session, accounts)
+    back = {v: k for k, v in names.items()}
     stmt = (
         select(LedgerEntry.txn_seq, LedgerEntry.account, LedgerEntry.amount_micro)
-        .where(LedgerEntry.account.in_(list(accounts)))
+        .where(LedgerEntry.account.in_(list(back)))
         .order_by(LedgerEntry.txn_seq.desc())
         .limit(limit)
     )
@@ -379,7 +426,7 @@ async def history(
     out = []
     for seq, account, amount in hits:
         row = rows[int(seq)]
-        out.append((_txn(row, ()), account, int(amount)))
+        out.append((_txn(row, ()), back.get(account, account), int(amount)))
     return out
 
 
