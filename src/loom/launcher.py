@@ -47,6 +47,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def overlay_options() -> list[str]:
+    """The coordinator's overlay options for `loom up`: on where its agents can join it
+    (root, Nebula installed: members get their own namespaces), else off."""
+    if os.geteuid() != 0 or not (shutil.which("nebula") and shutil.which("nebula-cert")):
+        return []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("0.0.0.0", 0))
+        port = int(s.getsockname()[1])
+    # Members reach a lighthouse on their own machine through their veth, not loopback.
+    return ["--overlay-listen", f"0.0.0.0:{port}", "--overlay-advertise", f"127.0.0.1:{port}"]
+
+
 @dataclass
 class LocalNetwork:
     """A coordinator and agents as child processes; `stop()` takes them all down."""
@@ -82,6 +94,7 @@ class LocalNetwork:
         ]  # fmt: skip
         if self.db_url:
             cmd += ["--db", self.db_url]
+        cmd += overlay_options()
         self.coordinator = subprocess.Popen(
             cmd,
             env=self._env(),

@@ -6,6 +6,7 @@ to zero, and no member was paid more than its healthy time — on SQLite and Pos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -28,6 +29,7 @@ from loom.core.metering import cost_micro
 from loom.protocol.identity import KeyPair
 from support.fakeagent import FakeAgents, force_available
 from support.servers import free_port, wait_for
+from support.vouch import vouch
 
 pytestmark = pytest.mark.slow
 
@@ -139,6 +141,24 @@ class Workload:
             time.sleep(self.rng.random() * 0.15)
 
 
+class Voucher:
+    """Stands in for honest peers: confirms every ready member about once a second.
+
+    Fake agents run no Ray, so nobody else could vouch for them and nothing would be
+    billed (billing counts only confirmed time, see services.confirmation).
+    """
+
+    def __init__(self, db_url: str) -> None:
+        self.db_url = db_url
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.7):
+            with contextlib.suppress(Exception):  # the database is busy while we kill
+                _db(self.db_url, lambda s: vouch(s, None))
+
+
 def _escrows(db_url: str) -> dict[str, int]:
     async def read(sessions: Any) -> dict[str, int]:
         async with sessions() as s:
@@ -179,6 +199,8 @@ def test_sigkill_during_money_stream(tmp_path: Path, db_url: str) -> None:
             fakes.add(f"n{i}", price=PRICE, cpu_cores=2)
         _db(db_url, lambda s: force_available(s, [n.node_id for n in fakes.nodes]))
         work = Workload(coordinator.url, users, seed)
+        voucher = Voucher(db_url)
+        voucher.thread.start()
         work.thread.start()
         for _cycle in range(4):
             time.sleep(rng.uniform(0.5, 2.5))
@@ -188,6 +210,8 @@ def test_sigkill_during_money_stream(tmp_path: Path, db_url: str) -> None:
         time.sleep(1.0)
         work.stop.set()
         work.thread.join(30)
+        voucher.stop.set()
+        voucher.thread.join(30)
         assert work.ops > 10, f"the workload barely ran (seed {seed})"
 
         # Replaying every deposit ever attempted mints nothing twice.

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from loom.agent.netns import MemberNet, NetnsError, NetnsManager
+from loom.agent.overlay import MemberOverlay, OverlayError
 from loom.agent.raynode import (
     PortAllocator,
     RayNode,
@@ -34,8 +35,10 @@ from loom.agent.raynode import (
     RayNodeSpec,
     cleanup_stale_members,
 )
-from loom.agent.raynode_spec import member_short_id
+from loom.agent.raynode_spec import MemberPaths, member_short_id
 from loom.agent.runtimes import Runtime
+from loom.protocol.overlay import OverlayError as GrantError
+from loom.protocol.overlay import grant_from_args
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class MemberManager:
         #: Builds each member's own network namespace (None: members share the host's).
         self.netns = netns
         self.nets: dict[str, MemberNet] = {}
+        self.overlays: dict[str, MemberOverlay] = {}
         self.runtime = runtime
         self.report = report
         self.node_ip = node_ip
@@ -122,6 +126,10 @@ class MemberManager:
             node_ip=self.node_ip,
             include_dashboard=args["role"] == "head",
         )
+        try:
+            grant = grant_from_args(args)
+        except GrantError as exc:
+            raise RayNodeError(str(exc)) from None
         if self.netns is not None:
             try:
                 net = await asyncio.to_thread(
@@ -132,6 +140,15 @@ class MemberManager:
             self.nets[spec.member_id] = net
             spec = dataclasses.replace(
                 spec, node_ip=net.ns_ip, netns=net.path, dashboard_host=net.ns_ip
+            )
+            if grant is not None:
+                spec = await self._join_overlay(spec, net, grant)
+        elif grant is not None:
+            log.warning(
+                "member %s: members share the host network here, so it does not join the "
+                "cluster's overlay (it is reachable only on %s)",
+                spec.member_id,
+                self.node_ip,
             )
         node = RayNode(spec, self.runtime, self.ports)
         self.nodes[spec.member_id] = node
@@ -184,12 +201,29 @@ class MemberManager:
         await self._stop_node(member_id, node)
         return {"stopped": node is not None}
 
+    async def _join_overlay(self, spec: RayNodeSpec, net: MemberNet, grant: Any) -> RayNodeSpec:
+        """Start the member's Nebula in its namespace; the Ray node binds the overlay IP."""
+        assert self.netns is not None
+        where = MemberPaths.for_spec(spec).root / "nebula"  # hidden from the sandbox
+        overlay = MemberOverlay(grant, net, where, self.netns)
+        self.overlays[spec.member_id] = overlay
+        try:
+            await overlay.start()
+        except OverlayError as exc:
+            await self._stop_node(spec.member_id, None)
+            raise RayNodeError(f"overlay of {spec.member_id}: {exc}") from None
+        return dataclasses.replace(spec, node_ip=grant.overlay_ip)
+
     async def _stop_node(self, member_id: str, node: RayNode | None) -> None:
-        """Stop the node, then remove its network namespace (even if stopping failed)."""
+        """Stop the node, its Nebula, then remove its network namespace (always)."""
         try:
             if node is not None:
                 await node.stop()
         finally:
+            overlay = self.overlays.pop(member_id, None)
+            if overlay is not None:
+                with contextlib.suppress(Exception):
+                    await overlay.stop()
             net = self.nets.pop(member_id, None)
             if net is not None and self.netns is not None:
                 await asyncio.to_thread(self.netns.destroy, net)

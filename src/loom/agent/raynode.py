@@ -368,7 +368,10 @@ class RayNode:
             "RAY_AUTH_TOKEN": self.spec.token,
             "RAY_USAGE_STATS_ENABLED": "0",
         }
+        # In the member's namespace: there the head is reachable (over the overlay, too).
+        netns = ["nsenter", f"--net={self.spec.netns}", "--"] if self.spec.netns else []
         return await asyncio.create_subprocess_exec(
+            *netns,
             self._python,
             "-m",
             "loom.agent.raynode_probe",

@@ -23,6 +23,7 @@ from loom.coordinator.db.engine import create_engine, migrate, session_factory
 from loom.coordinator.loops.challenger import challenger_loop
 from loom.coordinator.loops.settlement import settlement_step
 from loom.coordinator.loops.watchdog import flush_heartbeats, watchdog_step
+from loom.coordinator.overlay import service as overlay_service
 from loom.coordinator.services.confirmation import CONFIRM_INTERVAL_S
 from loom.coordinator.services.lifecycle import activate_on_connect
 from loom.coordinator.state import CoordinatorState
@@ -80,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
         state.spawn_loop("challenger", challenger.config.loop_s, challenger_loop(challenger))
         state.spawn_loop("settlement", settings.settle_interval_s, lambda: settlement_step(state))
         state.spawn_loop("confirmation", CONFIRM_INTERVAL_S, lambda: confirm_step(state))
+        await overlay_service.install(state)  # the Nebula lighthouse, when configured
         explorer_api.start(_app)
         log.info("coordinator ready on %s:%s (db %s)", settings.host, settings.port, engine.url)
         try:

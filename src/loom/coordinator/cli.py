@@ -12,6 +12,8 @@ import uvicorn
 from loom.coordinator.app import create_app
 from loom.coordinator.config import Settings, default_db_url
 from loom.coordinator.db.engine import DatabaseURLError, normalize_url
+from loom.coordinator.overlay.authority import OverlayConfigError
+from loom.coordinator.overlay.service import check_overlay
 from loom.protocol.keystore import loom_home
 from loom.protocol.messages import MAX_FRAME_BYTES
 
@@ -48,6 +50,15 @@ def serve(
         int, typer.Option(min=0, max=9999, help="platform fee in basis points (500 = 5 %)")
     ] = 500,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    overlay_listen: Annotated[
+        str, typer.Option(help="run the Nebula lighthouse+relay on this UDP HOST:PORT (off if '')")
+    ] = "",
+    overlay_advertise: Annotated[
+        str, typer.Option(help="HOST:PORT[,…] members reach the lighthouse at (default: listen)")
+    ] = "",
+    overlay_network: Annotated[
+        str, typer.Option(help="private IPv4 range of the overlay's addresses")
+    ] = "10.250.0.0/16",
 ) -> None:
     """Serve the HTTP API and the agent WebSocket."""
     home = loom_home()
@@ -72,7 +83,15 @@ def serve(
         faucet=faucet,
         settle_interval_s=settle_interval,
         fee_bps=fee_bps,
+        overlay_listen=overlay_listen,
+        overlay_advertise=overlay_advertise,
+        overlay_network=overlay_network,
     )
+    try:
+        check_overlay(settings)
+    except OverlayConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     uvicorn.run(
         create_app(settings),
         host=host,

@@ -37,6 +37,13 @@ class Settings:
     #: Only devices that passed the hardware challenge are placeable.
     require_verified: bool = True
     extra: dict[str, str] = field(default_factory=dict)
+    #: The Nebula overlay (issue 10): UDP HOST:PORT of the lighthouse ("" = overlay off),
+    #: where members reach it (default: the listen address), the overlay's address range,
+    #: and where the CA lives (default: $LOOM_HOME/overlay).
+    overlay_listen: str = ""
+    overlay_advertise: str = ""
+    overlay_network: str = "10.250.0.0/16"
+    overlay_dir: str = ""
     #: How often the settlement loop meters healthy time and settles it (at most 60 s).
     settle_interval_s: float = 30.0
     #: Platform fee on settlements, in basis points (500 = 5 %).

@@ -22,6 +22,7 @@ from loom.coordinator import confirmation
 from loom.coordinator.db.models import Cluster, Member
 from loom.coordinator.hub import AgentNotConnected, CommandFailed
 from loom.coordinator.loops.isolation import isolated
+from loom.coordinator.overlay import service as overlay_service
 from loom.coordinator.services import billing
 from loom.coordinator.services import clusters as cluster_service
 from loom.coordinator.services import confirmation as confirmation_service
@@ -63,7 +64,9 @@ async def start_member(state: CoordinatorState, cluster_id: str, member_id: str)
         args = start_args(cluster, member, dict(spec.env))
         member.state = MemberState.STARTING.value
         node_id = member.node_id
+        ends_at = cluster.expires_at
         await session.commit()
+    args = await overlay_service.grant_args(state, args, cluster_id, member_id, ends_at)
     sent_at = time.time()
     try:
         conn = state.hub.get(node_id)
@@ -298,3 +301,4 @@ async def teardown(
                 session, cluster, ClusterState.TERMINATED, reason or "down", now
             )
         await session.commit()
+    overlay_service.release(state, cluster_id)

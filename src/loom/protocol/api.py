@@ -106,6 +106,12 @@ class MemberOut(Response):
         description="someone other than its own agent vouches that it runs: billed only then",
     )
     confirm_reason: str = ""
+    overlay_ip: str = Field(
+        default="", description="its address on the cluster's Nebula overlay ('' = no overlay)"
+    )
+    relayed: bool | None = Field(
+        default=None, description="its overlay traffic goes through the coordinator's relay"
+    )
 
 
 class ClusterEventOut(Response):

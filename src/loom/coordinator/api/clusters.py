@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 from loom.coordinator import provisioner
 from loom.coordinator.api.deps import CallerDep, SessionDep, StateDep
 from loom.coordinator.errors import Conflict
+from loom.coordinator.overlay import service as overlay_service
 from loom.coordinator.services import clusters as cluster_service
 from loom.core.models import ClusterState
 from loom.protocol.api import ClusterCreate, ClusterOut
@@ -45,9 +46,11 @@ async def list_clusters(
 
 
 @router.get("/clusters/{ref}", response_model=ClusterOut)
-async def get_cluster(ref: str, session: SessionDep, caller: CallerDep) -> ClusterOut:
+async def get_cluster(
+    ref: str, session: SessionDep, state: StateDep, caller: CallerDep
+) -> ClusterOut:
     cluster = await cluster_service.get_cluster(session, caller, ref)
-    return await cluster_service.cluster_out(session, cluster)
+    return overlay_service.annotate(state, await cluster_service.cluster_out(session, cluster))
 
 
 @router.delete("/clusters/{ref}", response_model=ClusterOut)

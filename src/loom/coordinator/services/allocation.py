@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from loom.coordinator.db.models import Allocation, Device, Node
 from loom.core.catalog import CPU_MODEL
+from loom.core.challenge.capacity import offered_units
 from loom.core.models import ConnectivityTier, DeviceState, NodeState, SecurityTier
 from loom.core.placement import DeviceIndex, FreeDevice, NodeCapacity, Requirement
 
@@ -60,7 +61,7 @@ async def build_index(
         free: list[FreeDevice] = []
         cpus = 0
         for dev, _ in rows:
-            capacity = dev.count or 1
+            capacity = offered_units(dev.count, dev.verified_units)  # measured, not claimed
             if dev.allocated_units >= capacity:
                 continue
             # Until verification gates placement, claimed devices are offered as verified.
@@ -97,8 +98,12 @@ async def reserve(
     """Take `units_each` units of every device for `member_id`, or raise ReservationConflict."""
     table = cast(Table, Device.__table__)
     for device_id in device_ids:
-        capacity = await session.scalar(select(Device.count).where(Device.id == device_id))
-        cap = capacity or 1
+        row = (
+            await session.execute(
+                select(Device.count, Device.verified_units).where(Device.id == device_id)
+            )
+        ).first()
+        cap = offered_units(row[0], row[1]) if row is not None else 1
         result = await session.execute(
             update(table)
             .where(table.c.id == device_id, table.c.allocated_units + units_each <= cap)

@@ -198,7 +198,9 @@ async def meter_and_settle(
                 core.SETTLE,
                 key,
                 core.settle_entries(cluster_id, {item.supplier: share}, fee_bps),
-                core.settle_meta(fee_bps, node=item.member.node_id),
+                # Member and node ids are random and public-safe; no cluster id (the
+                # escrow's alias must not name it), no name, no memo.
+                core.settle_meta(fee_bps, member=meter.member_id, node=item.member.node_id),
                 now,
             )
             to_supplier, _fee = fee_split(share, fee_bps)

@@ -246,6 +246,8 @@ def _device(dev: Device) -> Json:
         "state": dev.state,
         "declared": dev.declared,
         "allocated_units": dev.allocated_units,
+        # What the challenge measured: offers never exceed it (core.challenge.capacity).
+        "cores_verified": dev.verified_units if dev.kind == DeviceKind.CPU.value else None,
         "units": _units(dev),
     }
 

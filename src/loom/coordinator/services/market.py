@@ -13,6 +13,7 @@ from loom.coordinator.errors import BadRequest, Conflict
 from loom.coordinator.services import clusters as cluster_service
 from loom.coordinator.services.reliability import scores_now
 from loom.core.catalog import CPU_MODEL
+from loom.core.challenge.capacity import offered_units
 from loom.core.metering import escrow_needed
 from loom.core.models import ConnectivityTier, DeviceState, NodeState, SecurityTier
 from loom.core.placement import PlacementFailure, PlacementPlan
@@ -51,11 +52,12 @@ async def live_offers(
     scores = await scores_now(session, sorted({node_id for node_id, _ in grouped}))
     for (node_id, model), rows in grouped.items():
         node = rows[0][1]
-        free = [d for d, _ in rows if d.allocated_units < (d.count or 1)]
+        # Offered: the claim capped by what the challenge measured (core.challenge.capacity).
+        free = [d for d, _ in rows if d.allocated_units < offered_units(d.count, d.verified_units)]
         if not free:
             continue
         if model == CPU_MODEL:
-            cpus = sum((d.count or 1) - d.allocated_units for d in free)
+            cpus = sum(offered_units(d.count, d.verified_units) - d.allocated_units for d in free)
             count = 1
         else:
             cpus = node.cpu_cores

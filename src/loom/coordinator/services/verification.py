@@ -18,7 +18,9 @@ from loom.coordinator.config import Settings
 from loom.coordinator.db.models import ChallengeEvidence, Device, DeviceChallenge, Node
 from loom.coordinator.services import nodes as node_service
 from loom.core.catalog import get_model, is_known_model
-from loom.core.challenge import ChallengeResult, device_classes
+from loom.core.challenge import ChallengeResult, device_classes, params_for
+from loom.core.challenge.capacity import cores_supported
+from loom.core.challenge.params import UnknownDeviceClass
 from loom.core.models import DeviceKind, DeviceState, NodeState
 from loom.protocol.verification import ChallengeOut, EvidenceOut
 
@@ -188,6 +190,11 @@ def record_result(
     if device is not None and device.model == challenged_model:
         if outcome == "passed":
             device.state = DeviceState.VERIFIED.value
+            if device.kind == DeviceKind.CPU.value:
+                # Offer what was measured, not what was claimed (core.challenge.capacity).
+                device.verified_units = cores_supported(
+                    result.measured_rate or 0.0, core_rate(result), device.count or 1
+                )
         elif outcome == "failed":
             device.state = DeviceState.FAILED.value
     rows: list[ChallengeEvidence] = []
@@ -203,6 +210,15 @@ def record_result(
         session.add(row)
         rows.append(row)
     return rows
+
+
+def core_rate(result: ChallengeResult) -> float:
+    """Ops/s counted as one core for the result's class (its pass floor if none is set)."""
+    try:
+        rate = params_for(result.device_class).core_rate
+    except UnknownDeviceClass:
+        rate = None
+    return rate or result.required_rate
 
 
 def ban(session: AsyncSession, node: Node, reason: str, now: float) -> bool:

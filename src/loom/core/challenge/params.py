@@ -55,6 +55,12 @@ class ChallengeParams(BaseModel):
     openings: int = Field(ge=1, description="k: tiles opened per challenge")
     openings_in_window: int = Field(ge=0, description="k_w: openings inside the scored window")
     reference_rate: float = Field(gt=0.0, description="P_ref: INT8 ops/s of this exact code")
+    core_rate: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="CPU classes: ops/s counted as one core; a CPU is offered "
+        "floor(measured / core_rate) cores, never more than it claims (core.challenge.capacity)",
+    )
     assumed: bool = Field(default=False, description="P_ref is an assumption, not measured")
     measured: Measurement | None = Field(default=None, description="the run behind P_ref")
     retries_per_day: int = Field(default=3, ge=0, description="m: attempts allowed per day")

@@ -1,0 +1,192 @@
+"""A member's own Nebula: the cluster's overlay, inside the member's network namespace.
+
+The coordinator's grant (:class:`loom.protocol.overlay.OverlayGrant`) carries the
+member's certificate (groups = its cluster) and where the lighthouse is. This module
+writes the member's Nebula files (key 0600), runs ``nebula`` inside the member's
+namespace (its tun device lives and dies there), and configures a firewall that admits
+only the cluster's group: another cluster's member cannot open anything here, even on the
+same host, and the lighthouse (which joins no cluster) cannot either.
+
+The Ray node then binds the overlay address. The host reaches that address through a
+/32 route via the member's veth (the agent's tunnel to the head's Ray client port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+from loom.agent.netns import MemberNet, NetnsError, NetnsManager, host_addresses
+from loom.protocol.overlay import OverlayGrant
+
+log = logging.getLogger(__name__)
+
+#: The UDP port of every member's Nebula (each member has its own namespace).
+NEBULA_PORT = 4242
+TUN_DEVICE = "nebula1"
+TUN_MTU = 1300
+START_TIMEOUT_S = 10.0
+
+
+class OverlayError(RuntimeError):
+    """A member's Nebula could not start; the message says why."""
+
+
+def nebula_binary() -> str | None:
+    return shutil.which("nebula")
+
+
+def lighthouse_hosts(grant: OverlayGrant, net: MemberNet) -> tuple[list[str], set[int]]:
+    """Where this member sends UDP for the lighthouse, and which of those ports are local.
+
+    A lighthouse on this very machine (``loom up``: loopback, or one of the host's own
+    addresses) is reached through the member's veth, at the host side's address.
+    """
+    local = host_addresses()
+    out: list[str] = []
+    ports: set[int] = set()
+    for item in grant.lighthouse_addresses:
+        host, _, port = item.rpartition(":")
+        host = host.strip("[]")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            out.append(item)  # a DNS name: resolved by Nebula inside the namespace
+            continue
+        if ip.is_loopback or str(ip) in local or ip.is_unspecified:
+            out.append(f"{net.host_ip}:{port}")
+            ports.add(int(port))
+        else:
+            out.append(f"{ip}:{port}")
+    return out, ports
+
+
+def member_config(grant: OverlayGrant, net: MemberNet, directory: Path) -> dict[str, object]:
+    hosts, _ = lighthouse_hosts(grant, net)
+    return {
+        "pki": {
+            "ca": str(directory / "ca.crt"),
+            "cert": str(directory / "host.crt"),
+            "key": str(directory / "host.key"),
+        },
+        "static_host_map": {grant.lighthouse_ip: hosts},
+        "lighthouse": {"am_lighthouse": False, "interval": 30, "hosts": [grant.lighthouse_ip]},
+        "listen": {"host": "0.0.0.0", "port": NEBULA_PORT},
+        "punchy": {"punch": True, "respond": True, "delay": "1s"},
+        "relay": {"relays": [grant.lighthouse_ip], "am_relay": False, "use_relays": True},
+        "tun": {"dev": TUN_DEVICE, "mtu": TUN_MTU, "drop_local_broadcast": True},
+        "logging": {"level": "info", "format": "text"},
+        "handshakes": {"try_interval": "100ms", "retries": 20},
+        "firewall": {
+            "conntrack": {"tcp_timeout": "12m", "udp_timeout": "3m", "default_timeout": "10m"},
+            "outbound": [{"port": "any", "proto": "any", "host": "any"}],
+            # Only the cluster's own members (and its users' certificates).
+            "inbound": [{"port": "any", "proto": "any", "group": grant.group}],
+        },
+    }
+
+
+class MemberOverlay:
+    """One member's Nebula process: ``await start()``, ``await stop()`` (idempotent)."""
+
+    def __init__(
+        self, grant: OverlayGrant, net: MemberNet, directory: Path, netns: NetnsManager
+    ) -> None:
+        self.grant = grant
+        self.net = net
+        self.dir = directory
+        self.netns = netns
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log_path = directory / "nebula.log"
+
+    def _write_files(self) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.dir / "ca.crt").write_text(self.grant.ca_crt)
+        (self.dir / "host.crt").write_text(self.grant.crt)
+        key = self.dir / "host.key"
+        key.touch(mode=0o600)
+        key.write_text(self.grant.key)
+        config = self.dir / "config.yml"
+        config.write_text(json.dumps(member_config(self.grant, self.net, self.dir)))  # JSON ⊂ YAML
+        return config
+
+    async def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        nebula = nebula_binary()
+        if nebula is None:
+            raise OverlayError(
+                "the overlay needs Nebula (`nebula` not found): apt-get install nebula"
+            )
+        config = await asyncio.to_thread(self._write_files)
+        _, local_ports = lighthouse_hosts(self.grant, self.net)
+        try:
+            await asyncio.to_thread(self.netns.allow_overlay, self.net, NEBULA_PORT, local_ports)
+        except NetnsError as exc:
+            raise OverlayError(str(exc)) from None
+        out = open(self.log_path, "ab")  # noqa: SIM115, ASYNC230 - handed to the child
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                "nsenter",
+                f"--net={self.net.path}",
+                "--",
+                nebula,
+                "-config",
+                str(config),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        finally:
+            out.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await asyncio.to_thread(self._tun_ready):
+            if self.proc.returncode is not None or loop.time() > deadline:
+                tail = self.log_tail()
+                await self.stop()
+                raise OverlayError(f"Nebula of the member did not come up: {tail}")
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self._route_from_host)
+
+    def _tun_ready(self) -> bool:
+        done = subprocess.run(
+            ["ip", "-n", self.net.name, "-j", "-4", "addr", "show", "dev", TUN_DEVICE],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        return done.returncode == 0 and f'"{self.grant.overlay_ip}"' in done.stdout
+
+    def _route_from_host(self) -> None:
+        """The host (agent) reaches the member's overlay address through its veth."""
+        subprocess.run(
+            ["ip", "route", "replace", f"{self.grant.overlay_ip}/32", "via", self.net.ns_ip],
+            capture_output=True,
+            timeout=10,
+            check=True,
+        )
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        await asyncio.to_thread(shutil.rmtree, self.dir, True)
+
+    def log_tail(self, lines: int = 6) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"

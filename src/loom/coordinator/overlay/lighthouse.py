@@ -1,0 +1,134 @@
+"""The lighthouse + relay: one Nebula process, supervised (restarted when it dies).
+
+It needs no tun device (``tun.disabled``) and so no privileges: it only answers where
+each member can be reached, and relays for members that cannot reach each other directly
+(symmetric NAT). It joins no cluster's group, so it can reach no member's Ray ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from loom.coordinator.overlay.authority import Authority, OverlayConfigError
+
+log = logging.getLogger(__name__)
+
+#: Restarts back off up to this many seconds after repeated quick deaths.
+MAX_BACKOFF_S = 10.0
+
+
+def nebula_binary() -> str:
+    found = shutil.which("nebula")
+    if found is None:
+        raise OverlayConfigError(
+            "the overlay needs Nebula (`nebula` not found): apt-get install nebula"
+        )
+    return found
+
+
+def lighthouse_config(authority: Authority, crt: Path, key: Path) -> dict[str, object]:
+    settings = authority.settings
+    return {
+        "pki": {"ca": str(authority.ca_crt_path), "cert": str(crt), "key": str(key)},
+        "static_host_map": {},
+        "lighthouse": {"am_lighthouse": True, "interval": 60},
+        "listen": {"host": settings.listen_host, "port": settings.listen_port},
+        "punchy": {"punch": True, "respond": True},
+        "relay": {"am_relay": True, "use_relays": False},
+        "tun": {"disabled": True},
+        "logging": {"level": "info", "format": "text"},
+        # Nothing reaches the lighthouse itself; relayed traffic is not filtered here
+        # (each member's own firewall admits only its cluster's group).
+        "firewall": {"outbound": [{"port": "any", "proto": "any", "host": "any"}], "inbound": []},
+    }
+
+
+class Lighthouse:
+    """``await start()`` once; ``run()`` is the supervisor task; ``stop()`` ends it."""
+
+    def __init__(self, authority: Authority) -> None:
+        self.authority = authority
+        self.config_path = authority.dir / "lighthouse.yml"
+        self.log_path = authority.dir / "lighthouse.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self._stopping = False
+
+    def _write_config(self) -> None:
+        crt, key = self.authority.lighthouse_files()
+        # JSON is YAML: no YAML writer needed.
+        self.config_path.write_text(json.dumps(lighthouse_config(self.authority, crt, key)))
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        self._write_config()
+        out = open(self.log_path, "ab")  # noqa: SIM115, ASYNC230 - handed to the child
+        try:
+            return await asyncio.create_subprocess_exec(
+                nebula_binary(),
+                "-config",
+                str(self.config_path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        finally:
+            out.close()
+
+    async def start(self) -> None:
+        self.proc = await self._spawn()
+        await asyncio.sleep(0.2)
+        if self.proc.returncode is not None:
+            raise OverlayConfigError(
+                f"the Nebula lighthouse exited at once (code {self.proc.returncode}); "
+                f"see {self.log_path}: {self.log_tail()}"
+            )
+        log.info(
+            "overlay lighthouse on udp %s (overlay %s, advertised %s)",
+            self.authority.settings.listen,
+            self.authority.lighthouse_ip,
+            ",".join(self.authority.settings.advertised()),
+        )
+
+    async def run(self) -> None:
+        """Supervise: restart the lighthouse whenever it exits, until cancelled."""
+        backoff = 0.5
+        try:
+            while True:
+                proc = self.proc
+                if proc is None:
+                    proc = self.proc = await self._spawn()
+                code = await proc.wait()
+                if self._stopping:
+                    return
+                log.warning("overlay lighthouse exited (code %s); restarting", code)
+                self.restarts += 1
+                self.proc = None
+                await asyncio.sleep(backoff)
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
