@@ -172,7 +172,6 @@ def run(args: argparse.Namespace) -> int:
         python=sys.executable,
         script=Path(__file__).resolve(),
     )
-    ctx.facts["check_pythonpath"] = os.environ.get("LOOM_CHECK_PYTHONPATH", "")
     wanted = set(args.only.split(",")) if args.only else None
     try:
         for name, _what, _reserve in STEPS:

@@ -14,18 +14,19 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
-from loom.client.sdk import LoomClient, LoomError
+from loom.client.sdk import LoomClient, LoomConnectionError, LoomError
 from loom.protocol.api import NodeOut
 from loom.protocol.keystore import KeyStore
 from loom.protocol.verification import ChallengeOut
 
+T = TypeVar("T")
 FINAL_OUTCOMES = frozenset({"passed", "failed", "interrupted"})
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -140,6 +141,20 @@ class Network:
             key = KeyStore.for_home(self.client_home).load_or_create("default")
             self._client = LoomClient(self.url, key, timeout=30.0)
         return self._client
+
+    def call(self, fn: Callable[[LoomClient], T], timeout: float) -> T:
+        """``fn(client)``, retried while the coordinator does not answer (a loaded machine
+        can stall it past the client's 30 s read timeout), for up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return fn(self.client())
+            except LoomConnectionError:
+                if time.monotonic() > deadline or (
+                    self.coordinator is not None and self.coordinator.poll() is not None
+                ):
+                    raise
+                time.sleep(1.0)
 
     def coordinator_cpu_s(self) -> float | None:
         return None if self.coordinator is None else process_cpu_s(self.coordinator.pid)

@@ -79,12 +79,7 @@ class Ctx:
         return "bwrap" if self.facts.get("bwrap_reason") is None else "process"
 
     def network(self, *, require_verified: bool = True, name: str = "net") -> Network:
-        env = {}
-        if self.facts.get("check_pythonpath"):
-            env["PYTHONPATH"] = str(self.facts["check_pythonpath"])
-        net = Network(
-            self.work / name, self.python, self.script, require_verified=require_verified, env=env
-        )
+        net = Network(self.work / name, self.python, self.script, require_verified=require_verified)
         self.networks.append(net)
         net.start()
         return net
@@ -123,6 +118,9 @@ def step_environment(ctx: Ctx) -> str:
     }  # fmt: skip
     d["dev_nvidia"] = nvidia_nodes()
     d["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    d["ld_library_path"] = os.environ.get("LD_LIBRARY_PATH")
+    d["libcuda_in_ld_cache"] = _libcuda_in_ld_cache()
+    d["check_install"] = os.environ.get("LOOM_CHECK_INSTALL", "none (dependencies already here)")
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
@@ -169,6 +167,16 @@ def step_inventory(ctx: Ctx) -> str:
         for g in gpus
     )
     return f"{type(probe).__name__}: {inv.cpu_cores} cores; " + (listed or "no GPU")
+
+
+def _libcuda_in_ld_cache() -> list[str]:
+    """libcuda entries of the dynamic loader's cache: what a sandboxed process finds without
+    LD_LIBRARY_PATH (which a cluster spec may not set)."""
+    try:
+        done = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [ln.strip() for ln in done.stdout.splitlines() if "libcuda.so" in ln][:8]
 
 
 def _has_class(model: str) -> bool:

@@ -22,6 +22,7 @@ grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/e
 PINS=$("$PY" - <<'PYEOF'
 import importlib.metadata as md
 import re
+import tomllib
 
 from packaging.requirements import Requirement
 
@@ -44,11 +45,21 @@ def norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+# Loom's own requirements from pyproject.toml (the installed metadata of an editable
+# install lags behind a dependency added since), the rest from the installed packages.
+with open("pyproject.toml", "rb") as f:
+    project = tomllib.load(f)["project"]
 seen: dict[str, tuple[str, frozenset[str]]] = {}
-todo: list[tuple[str, frozenset[str]]] = [("loom", frozenset())]
+todo: list[tuple[str, frozenset[str]]] = []
+for text in project["dependencies"]:
+    req = Requirement(text)
+    todo.append((req.name, frozenset(req.extras)))
 while todo:
     name, extras = todo.pop()
-    dist = md.distribution(name)
+    try:
+        dist = md.distribution(name)
+    except md.PackageNotFoundError:
+        raise SystemExit(f"{name} is a dependency but not installed here: make venv first")
     key = norm(dist.metadata["Name"])
     prev = seen.get(key)
     if prev is not None and extras <= prev[1]:
