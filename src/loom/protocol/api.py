@@ -52,7 +52,9 @@ class NodeOut(Response):
     last_heartbeat: float | None = Field(description="unix seconds")
     connected_since: float | None = None
     cpu_model: str = ""
-    cpu_cores: int = 0
+    cpu_cores: int = Field(
+        default=0, description="verified CPU cores (0 until the CPU challenge passes)"
+    )
     ram_gb: float = 0.0
     devices: list[DeviceOut] = Field(default_factory=list)
     reliability: float = 0.0

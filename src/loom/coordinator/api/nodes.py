@@ -22,7 +22,7 @@ async def list_nodes(
     session: SessionDep,
     _caller: CallerDep,
     owner: str | None = Query(
-        default=None, max_length=64, description="only this owner's nodes (64 lower-case hex)"
+        default=None, max_length=200, description="only this owner's nodes (64 lower-case hex)"
     ),
     state: str | None = Query(default=None, max_length=16, description="only nodes in this state"),
 ) -> list[NodeOut]:

@@ -65,7 +65,11 @@ async def utilization_now(session: AsyncSession) -> Json:
     rows = await session.execute(
         select(Device.kind, Device.count, Device.allocated_units, Node.state)
         .join(Node, Node.id == Device.node_id)
-        .where(Device.present.is_(True), Node.state.in_(ONLINE))
+        .where(
+            Device.present.is_(True),
+            Node.state.in_(ONLINE),
+            Device.state == DeviceState.VERIFIED.value,  # a claim is no public figure
+        )
     )
     gpu_total = gpu_alloc = cpu_total = cpu_alloc = 0
     for kind, count, allocated, _state in rows:
@@ -266,7 +270,13 @@ def _node_row(node: Node, devices: Sequence[Device], reliability: float | None) 
         "price_auto": node.price_auto,
         "gpus": len(gpus),
         "gpu_models": ", ".join(f"{n}× {m}" for m, n in sorted(models.items())) or "—",
-        "cpu_cores": node.cpu_cores,
+        # verified cores only: a claim changes no public figure until the challenge passes
+        "cpu_cores": sum(
+            int(d.count or 0)
+            for d in devices
+            if d.kind == DeviceKind.CPU.value and d.state == DeviceState.VERIFIED.value
+        ),
+        "cpu_cores_claimed": node.cpu_cores,
         "ram_gb": round(node.ram_mb / 1024, 1),
         "verified": sum(1 for d in devices if d.state == DeviceState.VERIFIED.value),
         "devices": len(devices),

@@ -248,7 +248,13 @@ def node_out(node: Node, devices: Sequence[Device]) -> NodeOut:
         last_heartbeat=node.last_heartbeat_at,
         connected_since=node.connected_since,
         cpu_model=node.cpu_model,
-        cpu_cores=node.cpu_cores,
+        # verified cores only (0 until the CPU challenge passes); the claim is the cpu
+        # device's `count`, listed with its state
+        cpu_cores=sum(
+            int(d.count or 0)
+            for d in devices
+            if d.kind == DeviceKind.CPU.value and d.state == DeviceState.VERIFIED.value
+        ),
         ram_gb=round(node.ram_mb / 1024, 1),
         devices=[device_out(d) for d in devices],
     )
