@@ -13,7 +13,9 @@ import time
 from decimal import Decimal
 
 from loom.agent.netns import driver_prefix
+from loom.client.cli.cluster import print_cost
 from loom.client.cli.common import console
+from loom.client.cli.costs import cluster_money
 from loom.client.sdk import LoomClient, LoomError
 
 
@@ -64,6 +66,7 @@ def run_demo(client: LoomClient, agents: int) -> int:
         console.print(f"[red]the Ray program failed:[/]\n{proc.stderr[-2000:]}", highlight=False)
     down = client.delete_cluster(cluster.id)
     console.print(f"cluster {down.name}: {down.state}")
+    print_cost(cluster_money(client, [down])[down.id])
     ok = proc.returncode == 0 and down.state == "terminated"
     console.rule("[bold green]demo passed" if ok else "[bold red]demo failed")
     return 0 if ok else 1

@@ -135,7 +135,9 @@ class LocalNetwork:
                     time.sleep(0.2)
         raise RuntimeError(f"the coordinator did not answer on {self.url} within {timeout:.0f} s")
 
-    def wait_nodes(self, client: LoomClient, count: int, timeout: float = 60.0) -> None:
+    def wait_nodes(self, client: LoomClient, count: int, timeout: float = 240.0) -> None:
+        """Until `count` local agents are verified and available (the CPU challenge of
+        each takes several seconds, more on a loaded machine)."""
         deadline = time.monotonic() + timeout
         mine = client.key.public_hex
         while time.monotonic() < deadline:

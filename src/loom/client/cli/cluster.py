@@ -11,8 +11,11 @@ from typing import Annotated, Any, TypeVar
 import typer
 import yaml
 from rich import box
+from rich.console import Group
+from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from loom.client.cli.common import (
     EXIT_API,
@@ -295,19 +298,41 @@ def _print_next_steps(cluster: ClusterOut) -> None:
 def status(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="cluster name or id")],
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="refresh every 2 s until it ends (Ctrl-C stops)")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """A cluster's state, head address and members."""
+    """A cluster's state, head address, members and what it has spent."""
+    if watch and json_out:
+        fail("--watch and --json do not go together; poll `status --json` instead", field="watch")
     with client_for(ctx) as client:
         cluster = client.cluster(name)
-    if json_out:
-        print_json(_status_json(cluster))
-        return
-    console.print(
-        f"[bold]{cluster.name}[/] ({cluster.id}) {styled_state(cluster.state)}"
-        + (f" — {cluster.reason}" if cluster.reason else "")
+        money = cluster_money(client, [cluster])[cluster.id]
+        if json_out:
+            print_json({**_status_json(cluster), "cost": money.as_json()})
+            return
+        if not watch:
+            console.print(_status_view(cluster, money))
+            return
+        with Live(_status_view(cluster, money), console=console, auto_refresh=False) as live:
+            while cluster.state not in ("terminated", "failed"):
+                time.sleep(2.0)
+                cluster = client.cluster(cluster.id)
+                money = cluster_money(client, [cluster])[cluster.id]
+                live.update(_status_view(cluster, money), refresh=True)
+
+
+def _status_view(cluster: ClusterOut, money: ClusterMoney) -> Group:
+    head = Text.from_markup(
+        f"[bold]{escape(cluster.name)}[/] ({cluster.id}) {styled_state(cluster.state)}"
+        + (f" — {escape(cluster.reason)}" if cluster.reason else "")
     )
-    console.print(f"head: {cluster.head_address or '-'}   price: {cluster.price_per_hour}/h")
+    line = Text(
+        f"head: {cluster.head_address or '-'}   price: {cluster.price_per_hour} credits/hour   "
+        f"spent: {format_credits(money.spent_micro)} (settled)   "
+        f"escrow left: {format_credits(money.escrow_left_micro)}"
+    )
     table = Table()
     for col in ("member", "node", "role", "state", "devices", "reason"):
         table.add_column(col)
@@ -318,9 +343,9 @@ def status(
             m.role,
             styled_state(m.state),
             ", ".join(m.devices),
-            m.reason,
+            escape(m.reason),
         )
-    console.print(table)
+    return Group(head, line, table)
 
 
 def _status_json(cluster: ClusterOut) -> dict[str, Any]:
@@ -359,7 +384,7 @@ def list_clusters(
     """Your clusters."""
     with client_for(ctx) as client:
         rows = client.clusters(all_states=all_states)
-        money = cluster_money(client, [c.id for c in rows])
+        money = cluster_money(client, rows)
     if json_out:
         print_json([{**c.model_dump(mode="json"), "cost": money[c.id].as_json()} for c in rows])
         return
@@ -394,7 +419,7 @@ def down(
     with client_for(ctx) as client:
         with console.status(f"tearing down {name} …"):
             cluster = client.delete_cluster(name)
-        money = cluster_money(client, [cluster.id])[cluster.id]
+        money = cluster_money(client, [cluster])[cluster.id]
     if json_out:
         print_json({**cluster.model_dump(mode="json"), "cost": money.as_json()})
         return
@@ -410,5 +435,6 @@ def print_cost(money: ClusterMoney) -> None:
     console.print(f"  refunded  {format_credits(money.refunded_micro)} credits to your balance")
     console.print(
         f"  suppliers earned {format_credits(money.suppliers_micro)} credits "
-        f"(platform fee {format_credits(money.fee_micro)})"
+        f"(settled {format_credits(money.spent_micro)} minus the platform fee "
+        f"{format_credits(money.fee_micro)})"
     )

@@ -1,35 +1,48 @@
-"""What clusters cost, read from the ledger: escrow held, settled to suppliers, refunded.
+"""What a cluster costs: escrow held, settled to suppliers so far, refunded at the end.
 
-The user's own history gives each cluster's hold and refund; the public ledger's settle
-transactions (meta `cluster`) give what was taken from escrow, what suppliers got and the
-platform fee. Settlement runs at least every 60 s, so a running cluster's "spent" lags its
-metering by up to a minute; after `down` the figures are final.
+The ledger's public view carries no cluster ids (privacy), so the figures come from the
+cluster itself and from the explorer's aggregate view of it (public, by cluster id):
+
+* held in escrow: what `cluster up` held, each member's price × devices × duration,
+  rounded up (the coordinator's own rule, `core.metering.escrow_needed`);
+* spent: what was settled out of escrow to suppliers (gross); settlement runs at least
+  every 60 s, so a running cluster's figure lags by up to a minute, and is final after
+  `cluster down`;
+* refunded: after the end, what was held and not spent (the ledger returns it);
+* suppliers' share: spent minus the platform fee (rounded down per settlement, so the
+  fee shown is an upper bound by a few micro-credits).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.client.sdk import LoomClient
+from loom.client.sdk import LoomClient, LoomError
+from loom.core.metering import escrow_needed
 from loom.core.money import AmountError, format_credits, parse_credits
+from loom.protocol.api import ClusterOut
 
-HISTORY_LIMIT = 1000
-LEDGER_PAGE = 1000
-MAX_LEDGER_PAGES = 20  # a bounded scan: on a very busy network older settlements are skipped
+ENDED = ("terminated", "failed")
 
 
 @dataclass
 class ClusterMoney:
-    escrowed_micro: int = 0  # held at `cluster up`
-    spent_micro: int = 0  # settled out of escrow (suppliers + fee)
-    suppliers_micro: int = 0
+    escrowed_micro: int = 0
+    spent_micro: int = 0
     fee_micro: int = 0
-    refunded_micro: int = 0
-    first_seq: int = 0
+    ended: bool = False
+
+    @property
+    def refunded_micro(self) -> int:
+        return max(0, self.escrowed_micro - self.spent_micro) if self.ended else 0
 
     @property
     def escrow_left_micro(self) -> int:
-        return max(0, self.escrowed_micro - self.spent_micro - self.refunded_micro)
+        return 0 if self.ended else max(0, self.escrowed_micro - self.spent_micro)
+
+    @property
+    def suppliers_micro(self) -> int:
+        return max(0, self.spent_micro - self.fee_micro)
 
     def as_json(self) -> dict[str, str]:
         return {
@@ -42,46 +55,38 @@ class ClusterMoney:
         }
 
 
-def _micro(text: str) -> int:
+def _micro(text: object) -> int:
     try:
-        return parse_credits(text.lstrip("-"), allow_zero=True)
+        return parse_credits(str(text), allow_zero=True)
     except AmountError:
         return 0
 
 
-def cluster_money(client: LoomClient, cluster_ids: list[str]) -> dict[str, ClusterMoney]:
-    """Money per cluster id (clusters with no ledger movement get zeros)."""
-    out = {cid: ClusterMoney() for cid in cluster_ids}
-    if not out:
-        return out
-    for item in client.history(limit=HISTORY_LIMIT):
-        money = out.get(item.cluster)
-        if money is None or item.account != "user":
-            continue
-        if item.kind == "hold":
-            money.escrowed_micro += _micro(item.amount)
-        elif item.kind == "refund":
-            money.refunded_micro += _micro(item.amount)
-        money.first_seq = min(money.first_seq or item.seq, item.seq)
-    seqs = [m.first_seq for m in out.values() if m.first_seq]
-    if not seqs:
-        return out
-    after = min(seqs) - 1
-    for _ in range(MAX_LEDGER_PAGES):
-        page = client.ledger_transactions(after=after, limit=LEDGER_PAGE)
-        for txn in page:
-            money = out.get(txn.meta.get("cluster", ""))
-            if money is None or txn.kind != "settle":
-                continue
-            for entry in txn.entries:
-                amount = int(entry.amount_micro)
-                if entry.account.startswith("escrow:"):
-                    money.spent_micro += -amount
-                elif entry.account.startswith("earnings:"):
-                    money.suppliers_micro += amount
-                elif entry.account == "system:fees":
-                    money.fee_micro += amount
-        if len(page) < LEDGER_PAGE:
-            break
-        after = page[-1].seq
+def escrow_of(cluster: ClusterOut) -> int:
+    """What `cluster up` held: the first `nodes` members (replacements are not re-held)."""
+    duration = max(0, round(cluster.expires_at - cluster.created_at))
+    nodes = cluster.spec.get("nodes")
+    members = cluster.members[: nodes if isinstance(nodes, int) else len(cluster.members)]
+    return sum(escrow_needed(_micro(m.price), max(1, m.units), duration) for m in members)
+
+
+def cluster_money(client: LoomClient, clusters: list[ClusterOut]) -> dict[str, ClusterMoney]:
+    """Money per cluster id."""
+    out: dict[str, ClusterMoney] = {}
+    fee_bps: int | None = None
+    for cluster in clusters:
+        money = ClusterMoney(escrowed_micro=escrow_of(cluster), ended=cluster.state in ENDED)
+        try:
+            public = client.request("GET", f"/explorer/api/clusters/{cluster.id}").json()
+            money.spent_micro = _micro(public.get("settled", "0"))
+        except (LoomError, ValueError, AttributeError):
+            pass
+        if money.spent_micro:
+            if fee_bps is None:
+                try:
+                    fee_bps = client.earnings().fee_bps
+                except LoomError:
+                    fee_bps = 0
+            money.fee_micro = money.spent_micro * fee_bps // 10_000
+        out[cluster.id] = money
     return out

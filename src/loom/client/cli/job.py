@@ -95,7 +95,7 @@ def submit(
             return
         console.print(f"submitted job [bold]{escape(job_id)}[/]", highlight=False)
         if follow:
-            raise typer.Exit(_follow(jobs, job_id))
+            raise typer.Exit(follow_job(jobs, job_id))
 
 
 @app.command("logs")
@@ -109,7 +109,7 @@ def logs(
     check_job_id(job_id)
     with jobs_client(ctx, name) as jobs:
         if follow:
-            raise typer.Exit(_follow(jobs, job_id))
+            raise typer.Exit(follow_job(jobs, job_id))
         typer.echo(jobs.get_job_logs(job_id), nl=False)
 
 
@@ -162,8 +162,9 @@ def stop(
     console.print(f"job {escape(job_id)} " + ("stopping" if stopped else "was not running"))
 
 
-def _follow(jobs: JobSubmissionClient, job_id: str) -> int:
-    """Stream logs until the job ends; the exit code says whether it succeeded."""
+def follow_job(jobs: JobSubmissionClient, job_id: str, *, quiet: bool = False) -> int:
+    """Stream logs until the job ends; the exit code says whether it succeeded
+    (`quiet`: no status line, for `cluster exec`)."""
 
     async def tail() -> None:
         async for chunk in jobs.tail_job_logs(job_id):
@@ -176,5 +177,6 @@ def _follow(jobs: JobSubmissionClient, job_id: str) -> int:
         time.sleep(0.5)
         status = str(jobs.get_job_status(job_id))
     status = status.rsplit(".", 1)[-1]
-    console.print(f"job {escape(job_id)}: {status}", highlight=False)
+    if not quiet:
+        console.print(f"job {escape(job_id)}: {status}", highlight=False)
     return 0 if status == "SUCCEEDED" else 1

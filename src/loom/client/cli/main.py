@@ -9,6 +9,7 @@ import typer
 
 from loom.client.cli import (
     cluster,
+    cluster_exec,
     credits,
     earnings,
     evidence,
@@ -80,4 +81,5 @@ app.add_typer(earnings.payout_app, name="payout")
 app.add_typer(ledger.app, name="ledger")
 app.add_typer(evidence.app, name="evidence")
 cluster.app.command("forward")(forward.forward)
+cluster.app.command("exec")(cluster_exec.exec_command)
 app.add_typer(job.app, name="job")
