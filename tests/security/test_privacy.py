@@ -17,10 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 import loom.explorer
 from loom.client.sdk import LoomClient
+from loom.coordinator.db.engine import create_engine, downgrade, migrate, session_factory
 from loom.coordinator.loops.settlement import run_settlement
+from loom.coordinator.services import ledger
+from loom.coordinator.services import ledger_privacy as privacy
 from loom.core.ledger import Entry, Transaction
 from loom.core.ledger_verify import verify_chain
 from loom.protocol.identity import KeyPair
@@ -118,9 +122,37 @@ def test_public_views_show_no_names_memos_or_user_keys(
     # The owner sees their own money through signed routes, as before.
     balance = client.balance()
     assert balance.escrowed == "0" and 0 < float(balance.balance) < 50
-    assert [h.kind for h in client.history()] == ["refund", "hold", "deposit"]
+    history = client.history()
+    assert [h.kind for h in history] == ["refund", "hold", "deposit"]
+    assert [h.cluster for h in history] == [cluster.id, cluster.id, ""]
 
 
 def _later(cluster: object, seconds: float) -> float:
     ready = getattr(cluster, "ready_at", None) or 0.0
     return float(ready) + seconds
+
+
+async def test_money_from_before_pseudonyms_keeps_its_names(db_url: str) -> None:
+    """Migration 0007 maps accounts that already hold money to themselves (the chain
+    cannot be rewritten), so balances read the same after the upgrade."""
+    engine = create_engine(db_url)
+    user = "user:" + "ab" * 32
+    try:
+        await migrate(engine, "0006")
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("INSERT INTO account_balances (account, balance_micro) VALUES (:a, 7)"),
+                {"a": user},
+            )
+        await migrate(engine)
+        async with session_factory(engine)() as session:
+            assert await ledger.balance(session, user) == 7
+            names = await privacy.public_names(session, [user, "user:" + "cd" * 32])
+            assert names[user] == user and names["user:" + "cd" * 32] == "user:" + "cd" * 32
+            new = await privacy.public_names(session, ["user:" + "cd" * 32], create=True)
+            assert new["user:" + "cd" * 32] != "user:" + "cd" * 32  # a new one: a pseudonym
+            await session.rollback()
+        await downgrade(engine, "0006")
+        await migrate(engine)
+    finally:
+        await engine.dispose()
