@@ -171,13 +171,15 @@ class Authority:
                     return ip
         raise RuntimeError(f"the overlay network {self.net} is full: choose a larger one")
 
-    def release_cluster(self, cluster_id: str) -> None:
+    def release_cluster(self, cluster_id: str) -> list[str]:
+        """Free the addresses of a cluster's members; returns those member ids."""
         with self._lock:
             gone = [m for m, v in self._book.items() if v[0] == cluster_id]
             for m in gone:
                 del self._book[m]
             if gone:
                 self._save()
+        return gone
 
     def sign(self, name: str, ip: str, groups: list[str], duration_s: float) -> tuple[str, str]:
         """(certificate, private key) PEM for ``name`` at ``ip`` in ``groups``."""

@@ -22,6 +22,7 @@ from loom.coordinator.overlay.authority import (
 )
 from loom.coordinator.overlay.lighthouse import Lighthouse, nebula_binary
 from loom.protocol.api import ClusterOut
+from loom.protocol.messages import Report
 from loom.protocol.overlay import grant_to_args
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,13 @@ async def install(state: Any) -> Overlay | None:
     overlay.task = asyncio.create_task(lighthouse.run(), name="overlay-lighthouse")
     state.tasks.append(overlay.task)
     state.overlay = overlay
+
+    async def on_overlay_report(_node_id: str, report: Report, _at: float) -> None:
+        member_id = str(report.data.get("member_id", ""))
+        if authority.address_of(member_id) is not None:  # a member the overlay knows
+            overlay.relayed[member_id] = bool(report.data.get("relayed"))
+
+    state.hub.on_report("member.overlay", on_overlay_report)
     return overlay
 
 
@@ -88,7 +96,8 @@ def release(state: Any, cluster_id: str) -> None:
     """Free the overlay addresses of a cluster that ended."""
     overlay = _get(state)
     if overlay is not None:
-        overlay.authority.release_cluster(cluster_id)
+        for member_id in overlay.authority.release_cluster(cluster_id):
+            overlay.relayed.pop(member_id, None)
 
 
 def member_overlay_ip(state: Any, member_id: str) -> str | None:

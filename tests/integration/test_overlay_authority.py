@@ -1,0 +1,89 @@
+"""The coordinator as overlay authority: CA, addresses, certificates, a supervised
+lighthouse (real ``nebula-cert`` and ``nebula``; no root needed: the lighthouse has no tun)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from loom.coordinator.overlay.authority import Authority, OverlayConfigError, OverlaySettings
+from loom.coordinator.overlay.lighthouse import Lighthouse
+from loom.protocol.overlay import OverlayError, grant_from_args, grant_to_args
+from support.servers import free_port
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("nebula") is None or shutil.which("nebula-cert") is None,
+    reason="Nebula is not installed (apt-get install nebula)",
+)
+
+
+def _settings(tmp_path: Path, **kw: str) -> OverlaySettings:
+    values = {"listen": f"127.0.0.1:{free_port()}", "advertise": "", "network": "10.250.0.0/24"}
+    values.update(kw)
+    return OverlaySettings(data_dir=tmp_path / "overlay", **values)  # type: ignore[arg-type]
+
+
+def test_ca_addresses_and_member_certificates(tmp_path: Path) -> None:
+    authority = Authority(_settings(tmp_path))
+    mode = stat.S_IMODE(os.stat(authority.ca_key_path).st_mode)
+    assert mode == 0o600, oct(mode)
+    assert stat.S_IMODE(os.stat(authority.dir).st_mode) == 0o700
+    g1 = authority.grant("c-1", "m-a", ends_at=None)
+    g2 = authority.grant("c-1", "m-b", ends_at=None)
+    g3 = authority.grant("c-2", "m-c", ends_at=None)
+    assert len({g1.overlay_ip, g2.overlay_ip, g3.overlay_ip, authority.lighthouse_ip}) == 4
+    assert authority.grant("c-1", "m-a", ends_at=None).overlay_ip == g1.overlay_ip  # stable
+    assert "PRIVATE KEY" not in g1.ca_crt  # the CA's key is never in a grant
+    # The certificate says who and which cluster (nebula-cert's own reading of it).
+    crt = tmp_path / "m.crt"
+    crt.write_text(g1.crt)
+    shown = subprocess.run(
+        ["nebula-cert", "print", "-json", "-path", str(crt)], capture_output=True, text=True
+    ).stdout
+    assert '"name":"m-a"' in shown.replace(" ", "") and '"c-1"' in shown
+    assert f"{g1.overlay_ip}/24" in shown
+    # The grant travels in member.start and is read back typed; tampering is refused.
+    args = grant_to_args({"member_id": "m-a"}, g1)
+    assert grant_from_args(args) == g1
+    with pytest.raises(OverlayError, match=r"overlay\.overlay_ip"):
+        grant_from_args({"overlay": {**args["overlay"], "overlay_ip": "not an ip"}})
+    # A restarted coordinator keeps its CA and its address book.
+    again = Authority(_settings(tmp_path))
+    assert again.ca_crt == authority.ca_crt and again.address_of("m-c") == g3.overlay_ip
+    assert sorted(again.release_cluster("c-1")) == ["m-a", "m-b"]
+    assert again.address_of("m-a") is None
+
+
+def test_bad_overlay_options_say_what_to_change(tmp_path: Path) -> None:
+    with pytest.raises(OverlayConfigError, match="--overlay-network"):
+        Authority(_settings(tmp_path, network="8.8.8.0/24"))
+    with pytest.raises(OverlayConfigError, match="HOST:PORT"):
+        _settings(tmp_path, listen="4242").listen_port  # noqa: B018
+
+
+async def test_lighthouse_is_restarted_when_it_dies(tmp_path: Path) -> None:
+    lighthouse = Lighthouse(Authority(_settings(tmp_path)))
+    await lighthouse.start()
+    task = asyncio.create_task(lighthouse.run())
+    try:
+        first = lighthouse.proc
+        assert first is not None and first.returncode is None
+        os.kill(first.pid, signal.SIGKILL)
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if lighthouse.proc is not None and lighthouse.proc.pid != first.pid:
+                break
+        assert lighthouse.restarts == 1 and lighthouse.proc is not None
+        assert lighthouse.proc.returncode is None
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert lighthouse.proc is None  # stopped with its supervisor
