@@ -120,6 +120,10 @@ def step_environment(ctx: Ctx) -> str:
     d["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     d["ld_library_path"] = os.environ.get("LD_LIBRARY_PATH")
     d["libcuda_in_ld_cache"] = _libcuda_in_ld_cache()
+    try:  # which limits a member gets (cgroup v2 memory.max, or RLIMIT_AS: hard on CUDA)
+        d["cgroup_v2_controllers"] = Path("/sys/fs/cgroup/cgroup.controllers").read_text().split()
+    except OSError:
+        d["cgroup_v2_controllers"] = None
     d["check_install"] = os.environ.get("LOOM_CHECK_INSTALL", "none (dependencies already here)")
     smi = shutil.which("nvidia-smi")
     if smi:
