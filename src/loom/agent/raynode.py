@@ -225,7 +225,7 @@ class RayNode:
             sweep_paths=[p.ray_temp],
             home=p.home,
             gpu_indices=self.spec.gpu_indices,
-            num_cpus=float(self.spec.num_cpus),
+            num_cpus=self.spec.cpu_limit,
             memory_bytes=self.spec.memory_limit,
             shm_bytes=self.spec.object_store_limit,
             pids_max=self.spec.pids_max,

@@ -39,6 +39,9 @@ MIN_MEMORY_BYTES = 2 << 30
 #: Processes *and threads*: a Ray head runs several hundred threads.
 DEFAULT_PIDS_MAX = 4096
 DEFAULT_DISK_BYTES = 20 << 30
+#: CPU quota on top of ``num_cpus`` for Ray's own daemons (GCS, raylet, dashboard):
+#: with the quota at ``num_cpus`` alone a loaded head stopped answering its GCS probes.
+RAY_DAEMON_CPUS = 1.0
 #: Share of the memory limit given to Ray's object store (in /dev/shm, inside the limit).
 OBJECT_STORE_SHARE = 0.3
 
@@ -139,6 +142,11 @@ class RayNodeSpec:
         if self.memory_bytes is not None:
             return self.memory_bytes
         return max(MIN_MEMORY_BYTES, DEFAULT_MEMORY_PER_CPU * self.num_cpus)
+
+    @property
+    def cpu_limit(self) -> float:
+        """The member's CPU quota in cores: its ``num_cpus`` plus Ray's daemons."""
+        return float(self.num_cpus) + RAY_DAEMON_CPUS
 
     @property
     def object_store_limit(self) -> int:
