@@ -6,10 +6,10 @@ import json
 import math
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from loom.client.cli import challenge
+from loom.client.cli.main import app as root
 from loom.core.challenge import ChallengeParams, UnknownDeviceClass, device_classes, params_for
 from loom.core.challenge.params import parse_params_table
 from loom.core.challenge.timing import best_window, format_rate
@@ -216,8 +216,6 @@ def test_defaults_cannot_declare_rates_assumed_for_everyone() -> None:
 
 
 def test_loom_challenge_classes_shows_where_each_rate_comes_from() -> None:
-    root = typer.Typer()
-    root.add_typer(challenge.app, name="challenge")
     done = CliRunner().invoke(root, ["challenge", "classes", "--json"])
     assert done.exit_code == 0, done.output
     rows = {r["class"]: r for r in json.loads(done.output)}

@@ -16,7 +16,9 @@ from rich.table import Table
 from loom.client.cli.common import console, print_json
 from loom.core.challenge import ChallengeParams, device_classes, format_rate, params_for
 
-app = typer.Typer(help="The hardware challenge: device classes and their rates.")
+app = typer.Typer(
+    help="The hardware challenge: device classes and their rates.", no_args_is_help=True
+)
 
 
 def class_row(p: ChallengeParams) -> dict[str, Any]:

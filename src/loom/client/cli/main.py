@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from loom.client.cli import (
+    challenge,
     cluster,
     cluster_exec,
     credits,
@@ -80,6 +81,7 @@ app.command("earnings")(earnings.earnings)
 app.add_typer(earnings.payout_app, name="payout")
 app.add_typer(ledger.app, name="ledger")
 app.add_typer(evidence.app, name="evidence")
+app.add_typer(challenge.app, name="challenge")
 cluster.app.command("forward")(forward.forward)
 cluster.app.command("exec")(cluster_exec.exec_command)
 app.add_typer(job.app, name="job")
