@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import logging
 import os
 import socket
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 
@@ -19,6 +22,7 @@ from loom.agent.members import MemberManager
 from loom.agent.netns import NetnsConfig
 from loom.agent.netns import for_agent as member_networks
 from loom.agent.runtimes import Runtime, SandboxError, select_runtime
+from loom.agent.supplier_log import SupplierLog, alive, read_status
 from loom.agent.tunnel import AgentTunnel
 from loom.agent.verification import ChallengeHandler
 from loom.core.models import validate_country, validate_region
@@ -53,8 +57,12 @@ def start(
         str | None, typer.Option(help="sandbox for workloads: bwrap (default), docker, process")
     ] = None,
     address: Annotated[
-        str, typer.Option(help="address other cluster nodes reach this machine at")
-    ] = "127.0.0.1",
+        str | None,
+        typer.Option(
+            help="address other cluster nodes reach this machine at "
+            "(default: this machine's address on the route to the coordinator)"
+        ),
+    ] = None,
     key: Annotated[
         str | None, typer.Option(help="owner key name (default $LOOM_KEY or 'default')")
     ] = None,
@@ -98,6 +106,7 @@ def start(
         probe = DeclaredProbe.from_file(inventory) if inventory else default_probe()
     except InventoryError as exc:
         raise _fail(str(exc)) from None
+    address = advertise_address(url, address)
     config = AgentConfig(
         coordinator=url,
         name=node_name,
@@ -139,12 +148,105 @@ async def _run(agent: Agent, sandbox: Runtime, config: AgentConfig) -> None:
     agent.handlers.update(members.handlers())
     agent.handlers.update(ChallengeHandler(agent).handlers())
     agent.on_drain.append(members.stop_all)
+    supplier = SupplierLog(config.coordinator, config.name, config.work_dir)
+    agent.on_connected.append(supplier.connected)
+    agent.on_command.append(supplier.command)
+
+    async def drained() -> None:
+        supplier.drained()
+
+    agent.on_drain.append(drained)
     tunnel = AgentTunnel(agent.send_bytes, members.head_ports)
     agent.on_binary = tunnel.on_frame
     agent.on_disconnect.append(tunnel.reset)
     await agent_metrics.serve(agent, members)
     members.start_health_loop()
     await agent.run()
+
+
+def advertise_address(coordinator: str, given: str | None) -> str:
+    """`given`, else this machine's source address on the route to the coordinator (a
+    connected UDP socket: no packet is sent); loopback when the coordinator is local.
+    Warns when a loopback address is advertised to a coordinator elsewhere: other nodes
+    could not reach this one."""
+    parts = urlsplit(coordinator)
+    host = parts.hostname or "127.0.0.1"
+    remote = not _is_loopback(host)
+    if given is None:
+        if not remote:
+            return "127.0.0.1"
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((host, parts.port or 80))
+                found = str(s.getsockname()[0])
+        except OSError as exc:
+            logging.getLogger(__name__).warning(
+                "cannot find the route to %s (%s); advertising 127.0.0.1: pass --address", host, exc
+            )
+            return "127.0.0.1"
+        logging.getLogger(__name__).info("advertising %s (route to %s)", found, host)
+        return found
+    if remote and _is_loopback(given):
+        logging.getLogger(__name__).warning(
+            "advertising loopback %s to the coordinator at %s: other cluster nodes cannot "
+            "reach this machine there; pass --address with this machine's reachable address",
+            given,
+            host,
+        )
+    return given
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@app.command("status")
+def status(
+    name: Annotated[str | None, typer.Option(help="node name (default: the only one here)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """This machine's agent: state, verification, current clusters, earnings today."""
+    agents = loom_home() / "agents"
+    names = (
+        sorted(p.name for p in agents.iterdir() if (p / "status.json").exists())
+        if (agents.is_dir())
+        else []
+    )
+    if name is None and len(names) == 1:
+        name = names[0]
+    if name is None:
+        hint = f"choose one with --name: {', '.join(names)}" if names else "start one"
+        raise _fail(f"no single agent under {agents}; {hint} (`loom worker start`)")
+    data = read_status(agents / _safe(name))
+    if data is None:
+        known = f" (known here: {', '.join(names)})" if names else ""
+        raise _fail(f"no node {name!r} has run on this machine{known}")
+    running = alive(data.get("pid"))
+    if not running and data.get("state") != "drained":
+        data["state"] = "stopped"
+    data["running"] = running
+    if json_out:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    typer.echo(
+        f"{data['name']} ({data.get('node_id') or '?'}): {data['state']}"
+        + ("" if running else " — the agent is not running")
+    )
+    typer.echo(f"  coordinator   {data.get('coordinator', '?')}")
+    typer.echo(f"  verified      {'; '.join(data.get('verified') or []) or 'not yet'}")
+    clusters = data.get("clusters") or []
+    typer.echo(
+        "  clusters      "
+        + (", ".join(f"{c['id']} ({c['role']})" for c in clusters) if clusters else "none")
+    )
+    typer.echo(f"  price         {data.get('price') or '?'} credits/device-hour")
+    typer.echo(
+        f"  earnings      {data.get('earnings_today', '0')} credits today (gross, settled); "
+        f"{data.get('earnings_settled', '0')} in total"
+    )
 
 
 def _safe(name: str) -> str:

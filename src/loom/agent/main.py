@@ -86,6 +86,9 @@ class Agent:
         # Binary frames are the tunnel's (loom.agent.tunnel); it resets when a session ends.
         self.on_binary: Callable[[bytes], Awaitable[None]] | None = None
         self.on_disconnect: list[Callable[[], Awaitable[None]]] = []
+        # Observers (loom.agent.supplier_log): each session's welcome, each command's outcome.
+        self.on_connected: list[Callable[[str, str], None]] = []
+        self.on_command: list[Callable[[str, dict[str, Any], bool], None]] = []
 
     # -- public -----------------------------------------------------------------------
 
@@ -160,6 +163,8 @@ class Agent:
             log.info(
                 "connected as %s (%s), state %s", self.config.name, welcome.node_id, welcome.state
             )
+            for observe in self.on_connected:
+                observe(welcome.node_id, welcome.state)
             interval = self.config.heartbeat_interval_s or welcome.heartbeat_interval_s
             while self._outbox:
                 await ws.send(self._outbox.pop(0))
@@ -260,6 +265,9 @@ class Agent:
             except Exception as exc:
                 log.exception("command %s failed", cmd.name)
                 ack = Ack(id=cmd.id, ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
+        for seen in self.on_command:
+            with contextlib.suppress(Exception):  # an observer never breaks a command
+                seen(cmd.name, cmd.args, ack.ok)
         with contextlib.suppress(ConnectionClosed):
             await ws.send(ack.model_dump_json())
 
