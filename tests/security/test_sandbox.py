@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import loom
 from loom.agent.runtimes import BwrapRuntime, probe_bwrap
 from loom.agent.runtimes.base import RunSpec, find_marked
 from loom.agent.runtimes.bwrap import BwrapHandle
@@ -363,3 +365,48 @@ def test_disk_quota_bounds_files(host: Host) -> None:
     assert spec.log_path is not None
     text = spec.log_path.read_text()
     assert "REFUSED 27" in text and "WROTE BIG" not in text  # EFBIG
+
+
+NON_ROOT_AGENT = r"""
+import sys
+from pathlib import Path
+from loom.agent.runtimes.bwrap import BwrapRuntime
+from loom.agent.runtimes.base import RunSpec
+work = Path(sys.argv[1])
+code = (
+    "import os; caps = open('/proc/self/status').read().count('CapEff:\\t0000000000000000'); "
+    "print('UID', os.getuid(), caps, os.path.exists('/root'), os.path.exists('/home'))"
+)
+spec = RunSpec(argv=[sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin"}, cwd=work,
+               marker=sys.argv[2], name="nr", rw_paths=[work], log_path=work / "log", pids_max=100)
+handle = BwrapRuntime().spawn(spec)
+print("RC", handle.wait(30), handle.confinement.kind, flush=True)
+handle.kill_tree()
+print((work / "log").read_text(), flush=True)
+"""
+
+_SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+@pytest.mark.skipif(
+    not _SYSTEM_PYTHON.exists(), reason="needs a system Python a non-root user can run"
+)
+def test_non_root_agent_runs_members_as_itself_in_a_user_namespace(tmp_path: Path) -> None:
+    """An agent that is not root: members get its uid, no capabilities, rlimits."""
+    src = Path(loom.__file__).resolve().parent.parent
+    work = Path("/tmp") / f"loom-nonroot-{os.getpid()}"
+    work.mkdir()
+    os.chown(work, 65534, 65534)
+    try:
+        done = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+             str(_SYSTEM_PYTHON), "-c", NON_ROOT_AGENT, str(work), f"loom-nonroot-{os.getpid()}"],
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(src)},
+            capture_output=True, text=True, timeout=60, cwd="/", check=False,
+        )  # fmt: skip
+        if "ModuleNotFoundError" in done.stderr or "Permission denied" in done.stderr:
+            pytest.skip(f"the system Python cannot import loom as nobody: {done.stderr[-300:]}")
+        assert "RC 0 rlimit" in done.stdout, done.stdout + done.stderr
+        assert "UID 65534 1 False False" in done.stdout, done.stdout
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
