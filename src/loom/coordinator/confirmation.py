@@ -31,6 +31,7 @@ from loom.coordinator import tunnel
 from loom.coordinator.db.models import Cluster, Member
 from loom.coordinator.errors import ServiceError
 from loom.coordinator.hub import AgentNotConnected, CommandFailed
+from loom.coordinator.loops.isolation import isolated
 from loom.coordinator.services import confirmation as svc
 from loom.coordinator.state import CoordinatorState
 from loom.core.models import MemberState
@@ -63,11 +64,9 @@ async def confirm_step(state: CoordinatorState) -> None:
     gate = asyncio.Semaphore(PARALLEL)
 
     async def one(cluster_id: str) -> None:
-        async with gate:
-            try:
-                await confirm_cluster(state, cluster_id)
-            except Exception:  # one cluster's trouble never stops the others
-                log.exception("confirming the members of %s failed", cluster_id)
+        # One cluster's trouble never stops the others (logged and counted).
+        async with gate, isolated("confirmation", cluster_id):
+            await confirm_cluster(state, cluster_id)
 
     await asyncio.gather(*(one(c) for c in cluster_ids))
 
