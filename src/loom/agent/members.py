@@ -209,9 +209,12 @@ class MemberManager:
         self.overlays[spec.member_id] = overlay
         try:
             await overlay.start()
+            if spec.role == "worker" and spec.head_address:
+                await overlay.wait_reachable(spec.head_address)
         except OverlayError as exc:
             await self._stop_node(spec.member_id, None)
             raise RayNodeError(f"overlay of {spec.member_id}: {exc}") from None
+        overlay.watch(self.report, spec.member_id)  # tells the coordinator when relayed
         return dataclasses.replace(spec, node_ip=grant.overlay_ip)
 
     async def _stop_node(self, member_id: str, node: RayNode | None) -> None:

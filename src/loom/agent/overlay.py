@@ -18,9 +18,12 @@ import contextlib
 import ipaddress
 import json
 import logging
+import re
 import shutil
 import subprocess
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from loom.agent.netns import MemberNet, NetnsError, NetnsManager, host_addresses
 from loom.protocol.overlay import OverlayGrant
@@ -32,6 +35,11 @@ NEBULA_PORT = 4242
 TUN_DEVICE = "nebula1"
 TUN_MTU = 1300
 START_TIMEOUT_S = 10.0
+#: How often a member's Nebula log is read for relayed tunnels.
+RELAY_POLL_S = 2.0
+_HANDSHAKE = re.compile(r'msg="Handshake message received".*?udpAddr="?([^" ]+)"? vpnIp=([0-9.]+)')
+
+ReportFn = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 class OverlayError(RuntimeError):
@@ -104,6 +112,10 @@ class MemberOverlay:
         self.netns = netns
         self.proc: asyncio.subprocess.Process | None = None
         self.log_path = directory / "nebula.log"
+        #: Overlay address of each peer -> whether its tunnel runs through the relay.
+        self.peers: dict[str, bool] = {}
+        self._log_offset = 0
+        self._watch: asyncio.Task[None] | None = None
 
     def _write_files(self) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -153,6 +165,42 @@ class MemberOverlay:
             await asyncio.sleep(0.05)
         await asyncio.to_thread(self._route_from_host)
 
+    async def wait_reachable(self, address: str, timeout: float = 45.0) -> None:
+        """Wait until ``host:port`` (the head's GCS) accepts TCP over the overlay.
+
+        The first packets set up the tunnel: the lighthouse query, hole punching, or the
+        relay behind a symmetric NAT. Ray gives up on an unreachable head after ~30 s, so
+        the worker's Ray starts only once the path is there.
+        """
+        host, _, port = address.rpartition(":")
+        probe = [
+            "nsenter",
+            f"--net={self.net.path}",
+            "--",
+            "timeout",
+            "3",
+            "bash",
+            "-c",
+            f"exec 3<>/dev/tcp/{host}/{int(port)}",
+        ]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            proc = await asyncio.create_subprocess_exec(
+                *probe,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            if await proc.wait() == 0:
+                return
+            if loop.time() > deadline:
+                raise OverlayError(
+                    f"the head at {address} is not reachable over the overlay after "
+                    f"{timeout:g} s: {self.log_tail(3)}"
+                )
+            await asyncio.sleep(0.3)
+
     def _tun_ready(self) -> bool:
         done = subprocess.run(
             ["ip", "-n", self.net.name, "-j", "-4", "addr", "show", "dev", TUN_DEVICE],
@@ -172,7 +220,56 @@ class MemberOverlay:
             check=True,
         )
 
+    def read_tunnels(self) -> dict[str, bool]:
+        """Update :attr:`peers` from the new lines of Nebula's log (handshakes completed).
+
+        Nebula logs each completed handshake with the peer's UDP address, or ``<nil>`` when
+        it came through a relay. The lighthouse itself is not a peer.
+        """
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                chunk = f.read()
+        except OSError:
+            return self.peers
+        end = chunk.rfind(b"\n") + 1
+        self._log_offset += end
+        for line in chunk[:end].decode(errors="replace").splitlines():
+            found = _HANDSHAKE.search(line)
+            if found and found.group(2) != self.grant.lighthouse_ip:
+                self.peers[found.group(2)] = found.group(1) == "<nil>"
+        return self.peers
+
+    @property
+    def relayed(self) -> bool:
+        return any(self.peers.values())
+
+    def watch(self, report: ReportFn, member_id: str) -> None:
+        """Report ``member.overlay`` {member_id, relayed, peers} whenever it changes."""
+
+        async def loop() -> None:
+            last: tuple[bool, int] | None = None
+            while True:
+                await asyncio.to_thread(self.read_tunnels)
+                now = (self.relayed, len(self.peers))
+                if now != last:
+                    last = now
+                    with contextlib.suppress(Exception):
+                        await report(
+                            "member.overlay",
+                            {"member_id": member_id, "relayed": now[0], "peers": dict(self.peers)},
+                        )
+                await asyncio.sleep(RELAY_POLL_S)
+
+        if self._watch is None:
+            self._watch = asyncio.create_task(loop())
+
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
         proc, self.proc = self.proc, None
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
