@@ -10,6 +10,7 @@ import time
 
 from gpu_check_net import Network, tail
 from gpu_check_steps import CheckFailed, Ctx, Skip, nvidia_nodes, shared_network, version_of
+from loom.agent.netns import driver_prefix
 
 # ---------------------------------------------------------------------- Ray in bwrap
 
@@ -82,7 +83,12 @@ def step_cluster_sandbox(ctx: Ctx, reserve: float) -> str:
             if ":gpu" in dev
         )
         task_env = dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=str(cluster["ray_token"]))
-        task_cmd = [ctx.python, str(ctx.script), "ray-task", "--address", cluster["head_address"]]
+        # A driver on this machine runs in the head's network namespace when it has one
+        # (members cannot open connections to the host; see loom.agent.netns).
+        head = str(cluster["head_address"])
+        prefix = driver_prefix(head)
+        d["driver_prefix"] = prefix
+        task_cmd = [*prefix, ctx.python, str(ctx.script), "ray-task", "--address", head]
         if ctx.gpu:
             task_cmd.append("--gpu")
         task_timeout = ctx.timeout(150, reserve + 20)
