@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import inspect
+import pytest
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from loom.coordinator.db.engine import create_engine, downgrade, migrate
 
@@ -23,5 +25,81 @@ async def test_upgrade_to_head_and_down_to_base(db_url: str) -> None:
         async with engine.connect() as conn:
             assert await conn.run_sync(_tables) == set()
         await migrate(engine)
+    finally:
+        await engine.dispose()
+
+
+async def test_0006_repairs_legacy_rows_and_enforces_one_live_name(db_url: str) -> None:
+    """Rows written before the edge refused them: upper-case keys (one keypair, two
+    accounts) and live clusters sharing a name. 0006 repairs both, then the database
+    refuses a second live cluster of one name per owner, and frees the name once ended."""
+    key = "ab" * 32
+    engine = create_engine(db_url)
+    try:
+        await migrate(engine, "0005")
+        async with engine.begin() as conn:
+            for account in (key, key.upper(), "cd" * 32, ("ef" * 32).upper()):
+                await conn.execute(
+                    text("INSERT INTO accounts (key, created_at) VALUES (:k, 0)"), {"k": account}
+                )
+            for i, (name, state) in enumerate(
+                [
+                    ("dup", "running"),
+                    ("dup", "running"),
+                    ("dup", "provisioning"),
+                    ("old", "terminated"),
+                    ("old", "terminated"),
+                ]
+            ):
+                await conn.execute(
+                    text(
+                        "INSERT INTO clusters (id, name, owner_key, state, reason, spec_json, "
+                        "ray_token, head_address, dashboard_url, client_address, hourly_micro, "
+                        "created_at, expires_at, state_changed_at, lease_until, timings_json) "
+                        "VALUES (:id, :name, :owner, :state, '', '{}', 't', '', '', '', 0, "
+                        ":at, 0, 0, 0, '{}')"
+                    ),
+                    {
+                        "id": f"c-00000000000{i}",
+                        "name": name,
+                        "owner": key.upper(),
+                        "state": state,
+                        "at": i,
+                    },
+                )
+        await migrate(engine)
+        async with engine.begin() as conn:
+            accounts = set((await conn.execute(text("SELECT key FROM accounts"))).scalars())
+            assert accounts == {key, "cd" * 32, "ef" * 32}
+            rows = (
+                await conn.execute(text("SELECT id, name, owner_key FROM clusters ORDER BY id"))
+            ).all()
+        assert {r[2] for r in rows} == {key}
+        names = [r[1] for r in rows]
+        assert names[0] == "dup" and names[3:] == ["old", "old"]
+        assert names[1] == "dup-000000000001" and names[2] == "dup-000000000002"
+        insert = text(
+            "INSERT INTO clusters (id, name, owner_key, state, reason, spec_json, ray_token, "
+            "head_address, dashboard_url, client_address, hourly_micro, created_at, expires_at, "
+            "state_changed_at, lease_until, timings_json) VALUES (:id, :name, :owner, :state, "
+            "'', '{}', 't', '', '', '', 0, 9, 0, 0, 0, '{}')"
+        )
+        with pytest.raises(IntegrityError):
+            async with engine.begin() as conn:
+                await conn.execute(
+                    insert, {"id": "c-x1", "name": "dup", "owner": key, "state": "requested"}
+                )
+        async with engine.begin() as conn:  # ended clusters, and other owners, are free
+            await conn.execute(
+                insert, {"id": "c-x2", "name": "old", "owner": key, "state": "running"}
+            )
+            await conn.execute(
+                insert, {"id": "c-x3", "name": "dup", "owner": "cd" * 32, "state": "running"}
+            )
+        await downgrade(engine, "0005")
+        async with engine.begin() as conn:  # the index is gone with the downgrade
+            await conn.execute(
+                insert, {"id": "c-x4", "name": "dup", "owner": key, "state": "running"}
+            )
     finally:
         await engine.dispose()

@@ -131,12 +131,17 @@ def test_inflating_a_verified_claim_changes_no_public_figure(
                 coordinator.run_coro, force_available(coordinator.state.sessions, [node_id])
             )
             async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-                honest = (await http.get("/explorer/api/overview")).json()["utilization"]
+                for _ in range(100):  # the connect hooks and challenger settle first
+                    honest = (await http.get("/explorer/api/overview")).json()["utilization"]
+                    if honest["cpu_total"] == 2:
+                        break
+                    await asyncio.sleep(0.1)
                 await ws.send(
                     json.dumps({"type": "inventory", "inventory": {**GOOD, "cpu_cores": 64}})
                 )
                 await ws.send(json.dumps({"type": "heartbeat", "seq": 1}))
-                await asyncio.wait_for(ws.recv(), 5)  # the ack: the update was handled
+                while json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] != "heartbeat_ack":
+                    pass  # commands (challenges) may come first; the ack: the update was handled
                 inflated = (await http.get("/explorer/api/overview")).json()["utilization"]
                 nodes = (await http.get("/explorer/api/nodes")).json()
         rows = nodes["nodes"] if isinstance(nodes, dict) else nodes

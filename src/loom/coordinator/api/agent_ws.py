@@ -83,7 +83,7 @@ async def _receive_timed(ws: WebSocket, *, binary: bool = False) -> tuple[float,
         raise _Refuse(CLOSE_BAD_MESSAGE, "frame too large")
     try:
         return received_at, json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep (fuzzing found it)
         raise _Refuse(CLOSE_BAD_MESSAGE, "frame is not valid JSON") from None
 
 
@@ -119,6 +119,8 @@ async def agent_ws(ws: WebSocket) -> None:
 
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    # A close reason must fit a control frame (123 bytes): cut by bytes, not characters.
+    reason = reason.encode(errors="replace")[:120].decode(errors="ignore")
     if ws.application_state != WebSocketState.DISCONNECTED:
         with contextlib.suppress(Exception):
             await ws.close(code=code, reason=reason)
