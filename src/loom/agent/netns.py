@@ -333,7 +333,7 @@ def for_agent(base_dir: Path, runtime: str, config: NetnsConfig) -> NetnsManager
     return NetnsManager(agent_tag(base_dir), config)
 
 
-def namespace_of(address: str) -> Path | None:
+def namespace_of(address: str, prefixes: tuple[str, ...] = ("loom-",)) -> Path | None:
     """The namespace of the local member whose address is ``address`` (``host[:port]``).
 
     For tools on the supplier's machine (the demo, tests) that run a Ray driver against a
@@ -360,16 +360,20 @@ def namespace_of(address: str) -> Path | None:
                     return NETNS_DIR / name
     # An overlay address (or a member of an agent in another namespace): ask each one.
     for name in netns_names():
-        if name.startswith("loom-"):
+        if name.startswith(prefixes):
             out = _run(["ip", "-n", name, "-j", "-4", "addr", "show"], check=False)
             if f'"{ip}"' in out:
                 return NETNS_DIR / name
     return None
 
 
-def driver_prefix(address: str) -> list[str]:
-    """``nsenter --net=…`` for a Ray driver on this machine aimed at a local member, else []."""
-    path = namespace_of(address)
+def driver_prefix(address: str, prefixes: tuple[str, ...] = ("loom-",)) -> list[str]:
+    """``nsenter --net=…`` for a Ray driver on this machine aimed at a local member, else [].
+
+    Overlay addresses are unique per coordinator only: with several coordinators on one
+    machine (tests), give ``prefixes`` (agent tags) to pick the right namespace.
+    """
+    path = namespace_of(address, prefixes)
     return [] if path is None else ["nsenter", f"--net={path}"]
 
 
