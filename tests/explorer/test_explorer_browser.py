@@ -97,6 +97,35 @@ def test_explorer_json_is_public_and_static_assets_are_safe(coordinator: Coordin
     )
 
 
+def test_pages_render_their_data_on_the_server_and_docs_are_offline(
+    coordinator: CoordinatorThread, client: LoomClient, fakes: FakeAgents
+) -> None:
+    """The HTML itself carries the first view (no script needed) and /docs needs no CDN."""
+    for name in ("gpu-a", "gpu-b"):
+        fakes.add(name, gpus=["rtx4090"], price="0.40", region="eu-west")
+    coordinator.run_coro(
+        force_available(coordinator.state.sessions, [n.node_id for n in fakes.nodes])
+    )
+    base = coordinator.url
+    page = httpx.get(base + "/nodes", timeout=30).text
+    tbody = page.split('id="nodes"', 1)[1].split("</tbody>", 1)[0]
+    assert "gpu-a" in tbody and "gpu-b" in tbody and tbody.count("<tr ") == 2
+    assert '<p class="empty" id="empty" hidden>' in page
+    assert 'id="initial-data" data-path="/nodes"' in page
+    overview = httpx.get(base + "/", timeout=30).text
+    assert '<b id="k-nodes">2</b>' in overview and "rtx4090" in overview
+    node_id = fakes.nodes[0].node_id
+    detail = httpx.get(f"{base}/nodes/{node_id}", timeout=30).text
+    assert '<h1 id="title">gpu-a</h1>' in detail
+    docs = httpx.get(base + "/docs", timeout=30)
+    assert docs.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text.lower() and "https://" not in docs.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        got = httpx.get(f"{base}/docs/assets/{asset}", timeout=30)
+        assert got.status_code == 200 and len(got.content) > 10_000
+    assert httpx.get(f"{base}/docs/assets/index.j2", timeout=30).status_code == 404
+
+
 @pytest.fixture
 def fakes(coordinator: CoordinatorThread) -> Iterator[FakeAgents]:
     agents = FakeAgents(coordinator.url)
@@ -264,6 +293,37 @@ def test_explorer_pages_in_chromium(
             assert "deposit" in kinds and "hold" in kinds
             assert page.locator("#txns tbody tr").count() >= 2
             shot(page, "ledger")
+
+            # --- first paint: with scripts blocked, every page shows its data (server-rendered)
+            still = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                bare = still.new_page(java_script_enabled=False)
+
+                def static_text(path: str, selector: str) -> str:
+                    bare.goto(base + path, wait_until="load")
+                    return bare.text_content(selector) or ""
+
+                assert static_text("/", "#k-nodes") == "4"
+                assert static_text("/", "#k-clusters") == "1"
+                assert "rtx4090" in static_text("/", "#prices")
+                nodes_html = static_text("/nodes", "#nodes tbody")
+                assert all(n in nodes_html for n in ("gpu-a", "gpu-b", "real-1", "real-2"))
+                assert bare.locator("#nodes tbody tr").count() == 4
+                assert static_text(f"/nodes/{real_1.id}", "#title") == "real-1"
+                assert "verified" in (bare.text_content("#devices") or "")
+                assert "running" in static_text(
+                    "/clusters", f"#clusters tr[data-id='{created.id}']"
+                )
+                members = static_text(f"/clusters/{created.id}", "#members")
+                assert (
+                    "rtx4090" in members
+                    and bare.locator("#members tr[data-state=ready]").count() == 2
+                )
+                assert "hold" in static_text("/ledger", "#kinds")
+                assert bare.locator("#txns tbody tr").count() >= 2
+                bare.screenshot(path=str(ARTIFACTS / "ledger-no-script.png"), full_page=True)
+            finally:
+                still.close()
 
             # --- live: SIGKILL an agent; the open overview follows without a reload
             visit(page, "/")

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from loom.coordinator import healing
 from loom.coordinator.api import agent_ws, clusters, errors, money, nodes, public, verification
+from loom.coordinator.api import docs as docs_api
 from loom.coordinator.api import explorer as explorer_api
 from loom.coordinator.api import tunnel as tunnel_api
 from loom.coordinator.api.limits import BodyLimitMiddleware
@@ -98,6 +99,8 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         description="Decentralized GPU cloud: verified supply, Ray clusters, per-second billing.",
         lifespan=lifespan,
+        docs_url=None,  # served offline by docs_api (no CDN)
+        redoc_url=None,
     )
     app.state.loom = state
     app.state.challenger = challenger
@@ -110,5 +113,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(agent_ws.router)
     app.include_router(tunnel_api.router)
     explorer_api.install(app)  # pages at /, /explorer/api, /metrics
+    docs_api.install(app)  # /docs with Swagger UI from the swagger-ui-bundle package
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     return app

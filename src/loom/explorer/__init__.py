@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import functools
 import html
+import json
 import re
 from importlib import resources
 from string import Template
+from typing import Any
+
+from loom.explorer import render
 
 PAGES = ("overview", "nodes", "node", "clusters", "cluster", "ledger")
 NAV = (("overview", "/", "Network"), ("nodes", "/nodes", "Nodes"),
@@ -28,8 +32,12 @@ def _read(relative: str) -> bytes:
     return (resources.files(__name__) / relative).read_bytes()
 
 
-def page(name: str, title: str) -> str:
-    """The HTML of one page: the layout around the page's body, with its script."""
+def page(name: str, title: str, data: Any = None, api_path: str = "") -> str:
+    """The HTML of one page: the layout around the page's body, with its script.
+
+    With `data` (what the page's script would fetch from `/explorer/api{api_path}`), the
+    page's first view is rendered here, and the data is embedded for the script's first
+    tick, so the page is complete at first paint, scripts or not."""
     if name not in PAGES:
         raise KeyError(name)
     section = _SECTION.get(name, name)
@@ -38,12 +46,22 @@ def page(name: str, title: str) -> str:
         for key, href, label in NAV
     )
     layout = Template(_read("templates/layout.html").decode())
-    return layout.substitute(
+    initial = ""
+    if data is not None:
+        # "<" escaped: the JSON can never close its <script> element.
+        blob = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
+        initial = (
+            f'<script type="application/json" id="initial-data" '
+            f'data-path="{html.escape(api_path)}">{blob}</script>'
+        )
+    out = layout.substitute(
         title=html.escape(title),
         nav=nav,
         page=name,
         body=_read(f"templates/{name}.html").decode(),
+        initial=initial,
     )
+    return render.RENDERERS[name](out, data) if data is not None else out
 
 
 def static(name: str) -> tuple[bytes, str] | None:

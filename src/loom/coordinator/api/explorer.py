@@ -1,7 +1,8 @@
 """The explorer: public pages at `/`, and the unsigned, read-only JSON they poll under
 `/explorer/api/…` (public and aggregate facts only; see services/explorer.py).
 
-Pages are static HTML shells with a small script each; every asset ships inside the
+Each page's first view is rendered on the server from the same JSON its script then polls
+(data in the HTML: useful with scripts blocked); every asset ships inside the
 `loom.explorer` package, so the explorer works with no internet.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import HTMLResponse
@@ -37,38 +39,48 @@ def _explorer(request: Request) -> explorer_loops.ExplorerState:
 # --------------------------------------------------------------------------- pages
 
 
-def _page(name: str, title: str) -> HTMLResponse:
-    return HTMLResponse(assets.page(name, title), headers=NO_STORE)
+def _page(name: str, title: str, data: Any = None, api_path: str = "") -> HTMLResponse:
+    """The page with its first view rendered from `data` (what its script would fetch)."""
+    return HTMLResponse(assets.page(name, title, data, api_path), headers=NO_STORE)
 
 
 @pages.get("/", response_class=HTMLResponse)
-async def overview_page() -> HTMLResponse:
-    return _page("overview", "Network")
+async def overview_page(request: Request, session: SessionDep) -> HTMLResponse:
+    return _page("overview", "Network", await overview(request, session), "/overview")
 
 
 @pages.get("/nodes", response_class=HTMLResponse)
-async def nodes_page() -> HTMLResponse:
-    return _page("nodes", "Nodes")
+async def nodes_page(session: SessionDep, state: StateDep) -> HTMLResponse:
+    return _page("nodes", "Nodes", await nodes(session, state), "/nodes")
 
 
 @pages.get("/nodes/{node_id}", response_class=HTMLResponse)
-async def node_page(node_id: str) -> HTMLResponse:
-    return _page("node", f"Node {node_id[:12]}")
+async def node_page(node_id: str, session: SessionDep, state: StateDep) -> HTMLResponse:
+    try:
+        data: Json | None = await node(node_id, session, state)
+    except NotFound:
+        data = None  # the script shows "not found"
+    return _page("node", f"Node {node_id[:12]}", data, f"/nodes/{quote(node_id, safe='')}")
 
 
 @pages.get("/clusters", response_class=HTMLResponse)
-async def clusters_page() -> HTMLResponse:
-    return _page("clusters", "Clusters")
+async def clusters_page(session: SessionDep) -> HTMLResponse:
+    return _page("clusters", "Clusters", await clusters(session), "/clusters")
 
 
 @pages.get("/clusters/{cluster_id}", response_class=HTMLResponse)
-async def cluster_page(cluster_id: str) -> HTMLResponse:
-    return _page("cluster", f"Cluster {cluster_id[:12]}")
+async def cluster_page(cluster_id: str, session: SessionDep) -> HTMLResponse:
+    try:
+        data: Json | None = await cluster(cluster_id, session)
+    except NotFound:
+        data = None
+    path = f"/clusters/{quote(cluster_id, safe='')}"
+    return _page("cluster", f"Cluster {cluster_id[:12]}", data, path)
 
 
 @pages.get("/ledger", response_class=HTMLResponse)
-async def ledger_page() -> HTMLResponse:
-    return _page("ledger", "Ledger")
+async def ledger_page(session: SessionDep) -> HTMLResponse:
+    return _page("ledger", "Ledger", await ledger(session), "/ledger")
 
 
 @pages.get("/explorer/static/{name}")

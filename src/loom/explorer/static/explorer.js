@@ -5,7 +5,13 @@
 const L = (() => {
   const SVG = "http://www.w3.org/2000/svg";
 
+  // The server rendered the first view and embedded its data: the first tick uses it.
+  let initial = null;
+  const initialEl = document.getElementById("initial-data");
+  if (initialEl) { try { initial = { path: initialEl.dataset.path, data: JSON.parse(initialEl.textContent) }; } catch (_) { initial = null; } }
+
   async function api(path) {
+    if (initial && path === initial.path) { const data = initial.data; initial = null; return data; }
     const r = await fetch("/explorer/api" + path, { cache: "no-store", headers: { accept: "application/json" } });
     if (!r.ok) {
       let message = "HTTP " + r.status;
