@@ -14,9 +14,18 @@ from loom.protocol.money import EarningLineOut
 payout_app = typer.Typer(help="Withdraw settled earnings.", no_args_is_help=True)
 
 
+COLUMNS = (
+    "id",
+    "name",
+    "settled (gross, from escrow)",
+    "credited to you (net of fee)",
+    "pending (accrued, not settled)",
+)
+
+
 def _table(title: str, rows: list[EarningLineOut]) -> Table:
     table = Table(title=title, title_justify="left")
-    for col in ("id", "name", "settled", "paid (net)", "pending"):
+    for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("id", "name") else "right")
     for r in rows:
         table.add_row(r.id, r.name, r.settled, r.paid, r.pending)
@@ -40,6 +49,10 @@ def earnings(
     if out.nodes:
         console.print(_table("per node", out.nodes))
         console.print(_table("per cluster", out.clusters))
+        console.print(
+            "credits: settled = what clusters paid for your nodes' time; the platform fee is "
+            "taken from it; pending is settled within a minute"
+        )
     else:
         console.print("no earnings yet: your nodes have not served a cluster")
 
