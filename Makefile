@@ -27,6 +27,7 @@ sysdeps:
 	command -v nft >/dev/null || missing="$$missing nftables"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v nats-server >/dev/null || missing="$$missing nats-server"; \
+	command -v setpriv >/dev/null && command -v nsenter >/dev/null || missing="$$missing util-linux"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
