@@ -22,8 +22,11 @@ BUDGET=420
 prev=""
 for a in "$@"; do [ "$prev" = "--budget" ] && BUDGET=${a%.*}; prev=$a; done
 
-if compgen -G "$ROOT/.whl/*.whl" >/dev/null \
-    && ! PYTHONPATH="$ROOT/src" "$PY" -c "import ray, fastapi, loom.coordinator.app" 2>/dev/null; then
+PURELIB=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# Install when Loom's dependencies are missing, and again on a machine where an earlier run
+# installed them (so PATH and src/ are set up the same way every time).
+if compgen -G "$ROOT/.whl/*.whl" >/dev/null && { [ -e "$PURELIB/loom-gpu-check.pth" ] \
+    || ! PYTHONPATH="$ROOT/src" "$PY" -c "import ray, fastapi, loom.coordinator.app" 2>/dev/null; }; then
   # The sandbox shows only an allow-list of the host (system dirs and this Python's own
   # prefix, see loom.agent.runtimes.fsview): keep everything under sys.prefix.
   BASE=${LOOM_CHECK_BASE:-}
@@ -46,7 +49,6 @@ if compgen -G "$ROOT/.whl/*.whl" >/dev/null \
   # A .pth in the interpreter's own site-packages: every process of that Python sees Loom
   # and the carried packages, the Ray nodes inside bubblewrap too (a cluster spec may not
   # set PYTHONPATH), and the image's own packages keep precedence.
-  PURELIB=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   if printf '%s\n%s\n' "$BASE/src" "$SITE" >"$PURELIB/loom-gpu-check.pth" 2>/dev/null; then
     export LOOM_CHECK_INSTALL="wheels in $SITE, src in $BASE/src, via $PURELIB/loom-gpu-check.pth"
   else

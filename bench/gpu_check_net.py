@@ -149,11 +149,12 @@ class Network:
         while True:
             try:
                 return fn(self.client())
-            except LoomConnectionError:
+            except LoomConnectionError as exc:
                 if time.monotonic() > deadline or (
                     self.coordinator is not None and self.coordinator.poll() is not None
                 ):
-                    raise
+                    log = tail(self.root / "coordinator.log", 1500)
+                    raise LoomConnectionError(f"{exc}; coordinator log: {log}") from None
                 time.sleep(1.0)
 
     def coordinator_cpu_s(self) -> float | None:
@@ -249,8 +250,11 @@ class Network:
                 self.coordinator.wait(10)
 
 
-def challenge_record(c: ChallengeOut) -> dict[str, Any]:
-    """The figures of one challenge as the coordinator recorded them."""
+def challenge_record(c: ChallengeOut, ops_per_round: int | None = None) -> dict[str, Any]:
+    """The figures of one challenge as the coordinator recorded them, and (given the
+    class's W_r) the prover's wall time estimated from the best-window pace."""
+    rate = c.measured_rate
+    est = round(ops_per_round / rate, 6) if ops_per_round and rate else None
     return {
         "device_id": c.device_id,
         "device_class": c.device_class,
@@ -264,4 +268,5 @@ def challenge_record(c: ChallengeOut) -> dict[str, Any]:
         "openings_failed": c.openings_failed,
         "evidence": c.evidence,
         "trigger": c.trigger,
+        "prover_round_s_est": est,
     }

@@ -397,8 +397,10 @@ def step_challenge_own_class(ctx: Ctx, reserve: float) -> str:
     ctx.data["coordinator_cpu_s"] = round(cpu1 - cpu0, 3)
     records = []
     for dev, p in zip(targets, classes, strict=True):
-        rec = challenge_record(found[dev.id])
+        rec = challenge_record(found[dev.id], p.ops_per_round)
+        est = rec["prover_round_s_est"]
         rec.update(
+            prover_wall_s_est=round(est * p.rounds, 2) if est else None,
             rounds=p.rounds,
             window=p.window,
             ops_per_round=p.ops_per_round,
@@ -413,8 +415,8 @@ def step_challenge_own_class(ctx: Ctx, reserve: float) -> str:
         ctx.facts["own_gpu_rate"] = gpu_rec["best_window_rate"]
     text = "; ".join(
         f"{r['device_class']}: {r['outcome']} at {format_rate(r['best_window_rate'])} "
-        f"(needs {format_rate(r['required_rate'])}, {r['rounds']} rounds, "
-        f"{r['challenge_wall_s']:.1f} s)"
+        f"(needs {format_rate(r['required_rate'])}, {r['rounds']} rounds, prover ≈ "
+        f"{r['prover_wall_s_est']} s, challenge {r['challenge_wall_s']:.1f} s)"
         for r in records
     )
     text += f"; coordinator CPU {ctx.data['coordinator_cpu_s']:.2f} s"
@@ -455,10 +457,13 @@ def step_challenge_other_class(ctx: Ctx, reserve: float) -> str:
             gpus = [d for d in node.devices if d.kind == "gpu"]
             if not gpus:
                 raise CheckFailed(f"{case}: the declared GPU was not registered")
+            # Wait for the node's CPU too: an agent stopped in the middle of a challenge
+            # is not what this step measures.
+            cpus = [d.id for d in node.devices if d.kind == "cpu"]
             found = net.wait_challenges(
-                agent, node.id, [gpus[0].id], max(5.0, deadline - time.monotonic())
+                agent, node.id, [gpus[0].id, *cpus], max(5.0, deadline - time.monotonic())
             )
-            rec = challenge_record(found[gpus[0].id])
+            rec = challenge_record(found[gpus[0].id], p.ops_per_round)
             if expect.startswith("failed: "):
                 ok = not rec["passed"] and "cannot prove" in rec["reason"] and not rec["evidence"]
             else:
