@@ -3,7 +3,13 @@ coordinator with protocol-level fake GPU agents (in-process runner, real HTTP)."
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pty
+import select
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,3 +92,51 @@ def test_plan_confirmation_cost_and_refund(
     assert float(money["suppliers_earned"]) + float(money["platform_fee"]) == pytest.approx(spent)
     balance = json.loads(_run([*url, "credits", "balance", "--json"], capsys)[1])
     assert float(balance["balance"]) == pytest.approx(100 - spent)
+
+
+def test_cluster_up_asks_on_a_terminal(
+    coordinator: CoordinatorThread, fakes: FakeAgents, tmp_path: Path
+) -> None:
+    """On a terminal `cluster up` shows the plan and asks; answering no creates nothing."""
+    fakes.add("cpu-a", cpu_cores=2, price="0.30")
+    coordinator.run_coro(
+        force_available(coordinator.state.sessions, [n.node_id for n in fakes.nodes])
+    )
+    env = dict(os.environ, LOOM_HOME=str(tmp_path / "h"), LOOM_COORDINATOR=coordinator.url)
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "loom", "credits", "deposit", "10"], env=env, timeout=60
+        ).returncode
+        == 0
+    )
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loom", "cluster", "up", "--nodes", "1", "--cpus", "1"],
+        env=env,
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b"create it?" not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 1.0)
+        if ready:
+            seen += os.read(leader, 4096)
+    assert b"create it?" in seen and b"escrow" in seen, seen
+    os.write(leader, b"n\n")
+    assert proc.wait(60) == 1
+    with contextlib.suppress(OSError):
+        while select.select([leader], [], [], 0.5)[0]:
+            chunk = os.read(leader, 4096)
+            if not chunk:
+                break
+            seen += chunk
+    os.close(leader)
+    assert b"not created" in seen
+    listed = subprocess.run(
+        [sys.executable, "-m", "loom", "cluster", "list", "--json"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert json.loads(listed.stdout) == []
