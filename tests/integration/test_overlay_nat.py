@@ -15,7 +15,6 @@ Each supplier runs a real agent, whose members get their own namespaces and Nebu
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,9 @@ from loom.agent.netns import driver_prefix, netns_names, unavailable_reason
 from loom.agent.raynode_spec import agent_tag
 from loom.client.sdk import LoomClient
 from loom.coordinator.config import Settings
+from loom.protocol.identity import KeyPair
+from loom.protocol.keystore import KeyStore
+from support.nat import COORD_IP, SYMMETRIC, Topology, sh
 from support.servers import agent_env, free_port, wait_for
 
 pytestmark = [
@@ -41,108 +43,8 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed"),
 ]
 
-COORD_IP = "203.0.113.1"
-SYMMETRIC = 3
-
-
-def sh(*argv: str, check: bool = True, stdin: str | None = None) -> str:
-    done = subprocess.run(
-        argv, input=stdin, capture_output=True, text=True, timeout=30, check=False
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)}: {done.stderr}")
-    return done.stdout
-
-
-class Topology:
-    def __init__(self) -> None:
-        self.tag = secrets.token_hex(2)
-        self.namespaces: list[str] = []
-        self.links: list[str] = []
-        self.inet = self._ns("inet")
-        self.suppliers: dict[int, str] = {}
-
-    def _ns(self, kind: str) -> str:
-        name = f"lt-{self.tag}-{kind}"
-        sh("ip", "netns", "add", name)
-        self.namespaces.append(name)
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        return name
-
-    def build(self) -> Topology:
-        inet = ["ip", "-n", self.inet]
-        sh(*inet, "link", "add", "br0", "type", "bridge")
-        sh(*inet, "link", "set", "br0", "up")
-        # The coordinator's "public" address, in the root namespace.
-        root_if = f"ltc{self.tag}"
-        sh(
-            "ip",
-            "link",
-            "add",
-            root_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "coord",
-            "netns",
-            self.inet,
-        )
-        self.links.append(root_if)
-        sh("ip", "addr", "add", f"{COORD_IP}/24", "dev", root_if)
-        sh("ip", "link", "set", root_if, "up")
-        sh(*inet, "link", "set", "coord", "master", "br0")
-        sh(*inet, "link", "set", "coord", "up")
-        for i in (1, 2, 3):
-            router, supplier = self._ns(f"r{i}"), self._ns(f"s{i}")
-            r, s = ["ip", "-n", router], ["ip", "-n", supplier]
-            sh(
-                *inet,
-                "link",
-                "add",
-                f"w{i}",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "wan",
-                "netns",
-                router,
-            )
-            sh(*inet, "link", "set", f"w{i}", "master", "br0")
-            sh(*inet, "link", "set", f"w{i}", "up")
-            sh(*r, "addr", "add", f"203.0.113.{10 + i}/24", "dev", "wan")
-            sh(*r, "link", "set", "wan", "up")
-            sh(*r, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", supplier)
-            sh(*r, "addr", "add", f"192.168.{70 + i}.1/24", "dev", "lan")
-            sh(*r, "link", "set", "lan", "up")
-            sh(*s, "addr", "add", f"192.168.{70 + i}.2/24", "dev", "eth0")
-            sh(*s, "link", "set", "eth0", "up")
-            sh(*s, "route", "add", "default", "via", f"192.168.{70 + i}.1")
-            sh("nsenter", f"--net=/run/netns/{router}", "sysctl", "-qw", "net.ipv4.ip_forward=1")
-            random = " fully-random" if i == SYMMETRIC else ""
-            sh(
-                "nsenter",
-                f"--net=/run/netns/{router}",
-                "nft",
-                "-f",
-                "-",
-                stdin=(
-                    "table ip nat {\n chain post {\n"
-                    "  type nat hook postrouting priority srcnat;\n"
-                    f'  oifname "wan" masquerade{random}\n }}\n}}\n'
-                ),
-            )
-            self.suppliers[i] = supplier
-        return self
-
-    def destroy(self) -> None:
-        for name in self.namespaces:
-            for pid in sh("ip", "netns", "pids", name, check=False).split():
-                sh("kill", "-9", pid, check=False)
-            sh("ip", "netns", "del", name, check=False)
-        for link in self.links:
-            sh("ip", "link", "del", link, check=False)
+#: (home dir, agent name) of every agent the test starts.
+HOMES = [("home1", "home-1"), ("home2", "home-2"), ("home3", "home-3"), ("home1b", "home-1b")]
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +97,22 @@ PROGRAM = textwrap.dedent(
 )
 
 
-def _start_agent(topology: Topology, i: int, url: str, home: Path) -> subprocess.Popen[bytes]:
+def _connect(prefix: list[str], address: str) -> str:
+    """Open a TCP connection to ``address`` from inside a member's namespace."""
+    host, port = address.rsplit(":", 1)
+    code = (
+        "import socket\ntry:\n"
+        f" socket.create_connection(({host!r}, {port}), timeout=4); print('connected')\n"
+        "except OSError as e:\n print(type(e).__name__)"
+    )
+    assert prefix, f"no local member namespace holds {address}"
+    done = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True)
+    return done.stdout.strip() or done.stderr.strip()[-300:]
+
+
+def _start_agent(
+    topology: Topology, i: int, url: str, home: Path, name: str = ""
+) -> subprocess.Popen[bytes]:
     home.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [
@@ -207,7 +124,7 @@ def _start_agent(topology: Topology, i: int, url: str, home: Path) -> subprocess
             "worker",
             "start",
             "--name",
-            f"home-{i}",
+            name or f"home-{i}",
             "--coordinator",
             url,
         ],
@@ -217,10 +134,27 @@ def _start_agent(topology: Topology, i: int, url: str, home: Path) -> subprocess
     )
 
 
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """The owner's LOOM_HOME (its key), for the `loom` CLI."""
+    path = tmp_path / "user"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def user_key(home: Path) -> KeyPair:
+    return KeyStore.for_home(home).create("default")
+
+
 def test_three_homes_behind_nat_form_one_cluster(
-    topology: Topology, client: LoomClient, settings: Settings, tmp_path: Path
+    topology: Topology, client: LoomClient, settings: Settings, tmp_path: Path, home: Path
 ) -> None:
     url = f"http://{COORD_IP}:{settings.port}"
+    # Names of our agents' member namespaces start with these (other tests may run agents).
+    tags = tuple(
+        agent_tag(tmp_path / home / "agents" / name / "members") + "-" for home, name in HOMES
+    )
     client.request("POST", "/v1/credits/deposit", json={"amount": "1000"})
     agents = [_start_agent(topology, i, url, tmp_path / f"home{i}") for i in (1, 2, 3)]
     try:
@@ -239,7 +173,7 @@ def test_three_homes_behind_nat_form_one_cluster(
         assert all(ip.startswith("10.250.") for ip in overlay), cluster.members
         assert len(set(overlay)) == 3
         assert cluster.head_address.rsplit(":", 1)[0] in overlay
-        prefix = driver_prefix(cluster.head_address)
+        prefix = driver_prefix(cluster.head_address, tags)
         assert prefix, "the head's namespace holds its overlay address"
         env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.ray_token)
         done = subprocess.run(
@@ -252,6 +186,51 @@ def test_three_homes_behind_nat_form_one_cluster(
         print(done.stdout.strip())
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         assert "NODES 3 " in done.stdout
+        # The member behind the symmetric NAT talks to the others through the relay.
+        behind = next(m.id for m in cluster.members if m.node_name == f"home-{SYMMETRIC}")
+        wait_for(
+            lambda: next(m for m in client.cluster("nat").members if m.id == behind).relayed,
+            30,
+            "the symmetric-NAT member reported as relayed",
+        )
+        # Another cluster's member (its own overlay certificate, another group) cannot open
+        # anything on this cluster's overlay addresses; this cluster's own members can.
+        # (on a second agent of home 1: the same host as one of this cluster's members)
+        agents.append(_start_agent(topology, 1, url, tmp_path / "home1b", name="home-1b"))
+        wait_for(
+            lambda: any(n.name == "home-1b" and n.state == "available" for n in client.nodes()),
+            180,
+            "a second agent in home 1",
+        )
+        client.create_cluster({"name": "other", "nodes": 1, "resources": {"cpus": 1}})
+        other = client.wait_cluster("other", timeout=240)
+        assert other.state == "running", other.reason
+        gcs = cluster.head_address
+        stranger = _connect(driver_prefix(other.head_address, tags), gcs)
+        assert stranger != "connected", stranger
+        worker_ip = next(m.overlay_ip for m in cluster.members if m.role == "worker")
+        assert _connect(driver_prefix(f"{worker_ip}:1", tags), gcs) == "connected"
+        assert client.delete_cluster("other").state == "terminated"
+        # The owner, behind yet another NAT, joins the overlay and reaches the head directly.
+        user_ns = ["nsenter", f"--net=/run/netns/{topology.user}"]
+        assert _connect(user_ns, gcs) != "connected"  # not before joining
+        env_user = dict(os.environ, LOOM_HOME=str(home), LOOM_COORDINATOR=url)
+        connect_log = tmp_path / "connect.log"
+        joined = subprocess.Popen(
+            [*user_ns, sys.executable, "-m", "loom", "cluster", "connect", "nat"],
+            env=env_user,
+            stdout=open(connect_log, "wb"),
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(lambda: _connect(user_ns, gcs) == "connected", 60, "the user on the overlay")
+        finally:
+            joined.terminate()
+            joined.wait(20)
+        out = connect_log.read_text(errors="replace")
+        assert "on the overlay of nat" in out, out
+        assert joined.returncode == 0, out
+        assert "loom-user" not in sh("ip", "-n", topology.user, "link", "show")  # it left
         assert client.delete_cluster("nat").state == "terminated"
     finally:
         for p in agents:
@@ -263,10 +242,6 @@ def test_three_homes_behind_nat_form_one_cluster(
                 p.kill()
                 p.wait()
     # Nothing left: no member namespace, no member's Nebula (its tun went with its netns).
-    tags = [
-        agent_tag(tmp_path / f"home{i}" / "agents" / f"home-{i}" / "members") + "-"
-        for i in (1, 2, 3)
-    ]
-    assert not [n for n in netns_names() if n.startswith(tuple(tags))]
+    assert not [n for n in netns_names() if n.startswith(tags)]
     nebulas = sh("pgrep", "-af", "nebula", check=False)
     assert f"{tmp_path}/home" not in nebulas, nebulas

@@ -24,6 +24,7 @@ from loom.coordinator.db.engine import create_engine, migrate, session_factory
 from loom.coordinator.loops.challenger import challenger_loop
 from loom.coordinator.loops.settlement import settlement_step
 from loom.coordinator.loops.watchdog import flush_heartbeats, watchdog_step
+from loom.coordinator.overlay import api as overlay_api
 from loom.coordinator.overlay import service as overlay_service
 from loom.coordinator.services.confirmation import CONFIRM_INTERVAL_S
 from loom.coordinator.services.lifecycle import activate_on_connect
@@ -112,6 +113,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(money.router)
     app.include_router(agent_ws.router)
     app.include_router(tunnel_api.router)
+    app.include_router(overlay_api.router)
     explorer_api.install(app)  # pages at /, /explorer/api, /metrics
     docs_api.install(app)  # /docs with Swagger UI from the swagger-ui-bundle package
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -11,6 +11,7 @@ from loom.client.cli import (
     challenge,
     cluster,
     cluster_exec,
+    connect,
     credits,
     earnings,
     evidence,
@@ -83,5 +84,6 @@ app.add_typer(ledger.app, name="ledger")
 app.add_typer(evidence.app, name="evidence")
 app.add_typer(challenge.app, name="challenge")
 cluster.app.command("forward")(forward.forward)
+cluster.app.command("connect")(connect.connect)
 cluster.app.command("exec")(cluster_exec.exec_command)
 app.add_typer(job.app, name="job")

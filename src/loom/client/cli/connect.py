@@ -1,0 +1,105 @@
+"""`loom cluster connect NAME`: join this machine to a cluster's Nebula overlay.
+
+The owner gets a user certificate for the cluster (``POST /v1/clusters/{ref}/overlay``,
+groups = the cluster, so the members' firewalls admit it) and runs a local Nebula in the
+foreground until Ctrl-C. Plain Ray tools then reach the head's overlay address directly.
+A tun device needs CAP_NET_ADMIN (root); without it, `loom cluster forward` is the way in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from loom.client.cli.common import EXIT_API, client_for, console, fail
+from loom.client.sdk import LoomAPIError
+from loom.protocol.overlay import OverlayGrant
+
+TUN_DEVICE = "loom-user"
+
+
+def user_config(grant: OverlayGrant, directory: Path) -> dict[str, object]:
+    """The local Nebula's config: a client of the cluster's overlay, nothing admitted in."""
+    return {
+        "pki": {
+            "ca": str(directory / "ca.crt"),
+            "cert": str(directory / "user.crt"),
+            "key": str(directory / "user.key"),
+        },
+        "static_host_map": {grant.lighthouse_ip: grant.lighthouse_addresses},
+        "lighthouse": {"am_lighthouse": False, "interval": 30, "hosts": [grant.lighthouse_ip]},
+        "listen": {"host": "0.0.0.0", "port": 0},
+        "punchy": {"punch": True, "respond": True},
+        "relay": {"relays": [grant.lighthouse_ip], "use_relays": True},
+        "tun": {"dev": TUN_DEVICE, "mtu": 1300},
+        "logging": {"level": "warning"},
+        "firewall": {
+            "outbound": [{"port": "any", "proto": "any", "host": "any"}],
+            "inbound": [{"port": "any", "proto": "icmp", "host": "any"}],
+        },
+    }
+
+
+def connect(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="cluster name or id")],
+) -> None:
+    """Join this machine to the cluster's overlay (needs root), until Ctrl-C."""
+    nebula = shutil.which("nebula")
+    if nebula is None:
+        fail("`loom cluster connect` needs Nebula (apt-get install nebula); or use forward")
+    if os.geteuid() != 0:
+        fail(
+            "joining the overlay creates a tun device, which needs CAP_NET_ADMIN: run it as "
+            "root (sudo -E loom cluster connect …), or use `loom cluster forward` instead"
+        )
+    with client_for(ctx) as loom:
+        cluster = loom.cluster(name)
+        try:
+            raw = loom.request("POST", f"/v1/clusters/{cluster.id}/overlay").json()
+        except LoomAPIError as exc:
+            fail(f"{exc.message} [{exc.code}]", EXIT_API)
+    grant = OverlayGrant.model_validate(raw)
+    with tempfile.TemporaryDirectory(prefix="loom-connect-") as tmp:
+        d = Path(tmp)
+        (d / "ca.crt").write_text(grant.ca_crt)
+        (d / "user.crt").write_text(grant.crt)
+        (d / "user.key").touch(mode=0o600)
+        (d / "user.key").write_text(grant.key)
+        (d / "config.yml").write_text(json.dumps(user_config(grant, d)))
+        signal.signal(signal.SIGTERM, _interrupt)  # leave cleanly on SIGTERM too
+        proc = subprocess.Popen([nebula, "-config", str(d / "config.yml")])
+        try:
+            time.sleep(0.5)
+            if proc.poll() is not None:
+                fail(f"nebula exited at once (code {proc.returncode}); see its output above")
+            head = cluster.head_address.rsplit(":", 1)[0]
+            console.print(
+                f"on the overlay of [bold]{cluster.name}[/] as {grant.overlay_ip}: "
+                f"Ray GCS at [bold]{cluster.head_address}[/] (head {head})\n"
+                f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(loom cluster token {cluster.name})\n"
+                "press Ctrl-C to leave"
+            )
+            proc.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def _interrupt(_sig: int, _frame: object) -> None:
+    raise KeyboardInterrupt
