@@ -108,6 +108,8 @@ def _fuzz(
             return  # not sendable over HTTP at all (the client library refuses it)
         statuses[response.status_code] += 1
         where = f"{kw['method']} {response.request.url} [{mode.value}]"
+        if response.status_code == 401:  # signed by SigningAuth: any path, any query
+            failures.append(f"{where}: 401 {response.text[:200]}")
         if response.status_code >= 500:
             failures.append(f"{where}: {response.status_code} {response.text[:300]}")
         if "Traceback" in response.text or 'File "' in response.text:

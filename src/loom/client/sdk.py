@@ -68,7 +68,7 @@ class SigningAuth(httpx.Auth):
         headers = sign_request(
             self.key,
             request.method,
-            request.url.path,
+            request.url.raw_path.split(b"?", 1)[0].decode("ascii"),  # as sent, encoded
             request.url.query.decode(),
             request.content,
             timestamp=int(time.time()),

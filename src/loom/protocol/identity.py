@@ -7,9 +7,10 @@ Every `/v1` HTTP request from the SDK carries four headers::
     X-Loom-Nonce      16+ random bytes, hex; never reused
     X-Loom-Signature  Ed25519 signature (hex) over `canonical_request(...)`
 
-The canonical string binds method, path, the query string *exactly as sent*, a SHA-256
-of the body, the timestamp and the nonce, so no part of a request can be changed, reordered
-or replayed unnoticed. A query that names one parameter twice is refused outright
+The canonical string binds method, the path and the query string *exactly as sent* (still
+percent-encoded: what the server received, byte for byte), a SHA-256 of the body, the
+timestamp and the nonce, so no part of a request can be changed, reordered or replayed
+unnoticed. A query that names one parameter twice is refused outright
 (`duplicate_query_names`): which of the two a server reads is not something to sign.
 
 A public key has exactly one spelling everywhere: 64 lower-case hex digits

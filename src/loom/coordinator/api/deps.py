@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Mapping
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -28,6 +28,14 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
+def signed_path(scope: Mapping[str, Any]) -> str:
+    """The path as it was sent (still percent-encoded): what the signature covers."""
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes):
+        return raw.split(b"?", 1)[0].decode("latin-1")
+    return str(scope.get("path", ""))
+
+
 async def signed_caller(request: Request, state: StateDep) -> str:
     """Verify the request signature; returns the caller's public key (their account)."""
     body = await request.body()
@@ -36,7 +44,7 @@ async def signed_caller(request: Request, state: StateDep) -> str:
         key = await auth_service.verify_request(
             session,
             method=request.method,
-            path=request.url.path,
+            path=signed_path(request.scope),
             query=request.url.query,
             body=body,
             headers=headers,

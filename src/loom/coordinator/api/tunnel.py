@@ -14,7 +14,7 @@ import logging
 from fastapi import APIRouter, WebSocket
 
 from loom.coordinator import tunnel
-from loom.coordinator.api.deps import get_state
+from loom.coordinator.api.deps import get_state, signed_path
 from loom.coordinator.api.errors import error_response
 from loom.coordinator.errors import ServiceError
 from loom.coordinator.services import auth as auth_service
@@ -31,7 +31,7 @@ async def cluster_tunnel(ws: WebSocket, ref: str) -> None:
             caller = await auth_service.verify_request(
                 session,
                 method="GET",
-                path=ws.url.path,
+                path=signed_path(ws.scope),
                 query=ws.url.query,
                 body=b"",
                 headers={k.lower(): v for k, v in ws.headers.items()},
