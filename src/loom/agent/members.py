@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from loom.agent.netns import MemberNet, NetnsError, NetnsManager
 from loom.agent.overlay import MemberOverlay, OverlayError
 from loom.agent.raynode import (
+    NodeHealth,
     PortAllocator,
     RayNode,
     RayNodeError,
@@ -48,6 +49,9 @@ READY_TIMEOUT_S = 75.0
 #: A full health probe asks the head's GCS (a subprocess importing Ray): kept infrequent.
 #: Process death is noticed at once by a cheap watcher per member.
 HEALTH_INTERVAL_S = 30.0
+#: `member.seen` (the coordinator confirming other members, about every 10 s) reuses a
+#: GCS probe up to this old.
+SEEN_MAX_AGE_S = 5.0
 
 
 class MemberManager:
@@ -75,6 +79,9 @@ class MemberManager:
         self._starting: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._health_task: asyncio.Task[None] | None = None
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        #: The last GCS probe of each member (monotonic time, result): `member.seen` and
+        #: the health loop share it, so confirming others costs no extra probes.
+        self._probed: dict[str, tuple[float, NodeHealth]] = {}
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]:
         return {
@@ -181,6 +188,7 @@ class MemberManager:
     async def _lost(self, member_id: str, node: RayNode, reason: str) -> None:
         log.warning("member %s lost: %s", member_id, reason)
         self.info.pop(member_id, None)
+        self._probed.pop(member_id, None)
         self.nodes.pop(member_id, None)
         with contextlib.suppress(Exception):
             await self._stop_node(member_id, node)
@@ -195,6 +203,7 @@ class MemberManager:
                 await task
         node = self.nodes.pop(member_id, None)
         self.info.pop(member_id, None)
+        self._probed.pop(member_id, None)
         watcher = self._watchers.pop(member_id, None)
         if watcher is not None:
             watcher.cancel()
@@ -250,10 +259,19 @@ class MemberManager:
         node = self.nodes.get(member_id)
         if node is None or member_id not in self.info:
             raise RayNodeError(f"member {member_id} is not running here")
-        health = await node.health()
+        health = await self._probe(member_id, node, max_age=SEEN_MAX_AGE_S)
         if not health.healthy:
             raise RayNodeError(health.detail or "the Ray node is not healthy")
         return {"alive": list(health.alive_ids)}
+
+    async def _probe(self, member_id: str, node: RayNode, *, max_age: float) -> NodeHealth:
+        """The member's GCS probe, reusing one younger than ``max_age`` seconds."""
+        cached = self._probed.get(member_id)
+        if cached is not None and time.monotonic() - cached[0] < max_age:
+            return cached[1]
+        health = await node.health()
+        self._probed[member_id] = (time.monotonic(), health)
+        return health
 
     async def stop_all(self) -> None:
         if self._health_task is not None:
@@ -272,7 +290,7 @@ class MemberManager:
                 if member_id not in self.info:
                     continue  # still starting
                 try:
-                    health = await node.health()
+                    health = await self._probe(member_id, node, max_age=HEALTH_INTERVAL_S / 2)
                 except Exception as exc:  # a probe failure is not a verdict
                     log.warning("health probe of %s failed: %s", member_id, exc)
                     continue
