@@ -76,7 +76,8 @@ async def install(state: Any) -> Overlay | None:
     return overlay
 
 
-def _get(state: Any) -> Overlay | None:
+def current(state: Any) -> Overlay | None:
+    """The running overlay of this coordinator, or None."""
     overlay = getattr(state, "overlay", None)
     return overlay if isinstance(overlay, Overlay) else None
 
@@ -85,7 +86,7 @@ async def grant_args(
     state: Any, args: dict[str, Any], cluster_id: str, member_id: str, ends_at: float | None
 ) -> dict[str, Any]:
     """``member.start`` args with the member's overlay grant (unchanged when off)."""
-    overlay = _get(state)
+    overlay = current(state)
     if overlay is None:
         return args
     grant = await asyncio.to_thread(overlay.authority.grant, cluster_id, member_id, ends_at)
@@ -94,14 +95,14 @@ async def grant_args(
 
 def release(state: Any, cluster_id: str) -> None:
     """Free the overlay addresses of a cluster that ended."""
-    overlay = _get(state)
+    overlay = current(state)
     if overlay is not None:
         for member_id in overlay.authority.release_cluster(cluster_id):
             overlay.relayed.pop(member_id, None)
 
 
 def member_overlay_ip(state: Any, member_id: str) -> str | None:
-    overlay = _get(state)
+    overlay = current(state)
     return None if overlay is None else overlay.authority.address_of(member_id)
 
 
@@ -124,7 +125,7 @@ def check_overlay(settings: Settings) -> None:
 
 def annotate(state: Any, out: ClusterOut) -> ClusterOut:
     """The cluster status with each member's overlay address (and relay use, if known)."""
-    overlay = _get(state)
+    overlay = current(state)
     if overlay is None:
         return out
     members = [
