@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loom.client.cli.runner import run
-from loom.entry import app
+from loom.entry import full_app
 from support.servers import free_port
 
 DEAD = "DEAD"  # replaced by a closed local port: the coordinator is unreachable
@@ -73,7 +73,7 @@ def dead_url() -> str:
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = run(app, args)
+    code = run(full_app(), args)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

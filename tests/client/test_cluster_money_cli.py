@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from loom.client.cli.runner import run
-from loom.entry import app
+from loom.entry import full_app
 from support.fakeagent import FakeAgents, force_available
 from support.servers import CoordinatorThread
 
@@ -32,7 +32,7 @@ def fakes(coordinator: CoordinatorThread) -> Iterator[FakeAgents]:
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = run(app, args)
+    code = run(full_app(), args)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
