@@ -182,6 +182,7 @@ class SupplierLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.snapshot(), indent=2))
+            tmp.chmod(0o600)  # the supplier's own facts (clusters served, earnings)
             tmp.replace(self.path)
 
 
