@@ -16,10 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update as sql_update
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from loom.client.sdk import LoomClient
+from loom.coordinator.db.models import Device
 from loom.protocol.identity import KeyPair, node_id_for
 from loom.protocol.messages import CLOSE_BAD_MESSAGE
 from support.fakeagent import FakeAgents, force_available
@@ -79,6 +81,16 @@ def test_impossible_claims_are_refused_with_a_reason(
     assert client.health().status == "ok"
 
 
+async def _measured(coordinator: CoordinatorThread, node_id: str, cores: int) -> None:
+    async with coordinator.state.sessions() as session:
+        await session.execute(
+            sql_update(Device)
+            .where(Device.node_id == node_id, Device.kind == "cpu")
+            .values(verified_units=cores)
+        )
+        await session.commit()
+
+
 def test_a_false_claim_changes_no_public_figure(
     coordinator: CoordinatorThread, client: LoomClient
 ) -> None:
@@ -107,6 +119,16 @@ def test_a_false_claim_changes_no_public_figure(
         row = next(r for r in rows if r["id"] == liar.node_id)
         assert row["cpu_cores"] == 0
         assert client.offers("") == []
+        # The challenge passes but measures 2 cores (the CPU class is met, not the count):
+        # the public figures show what was measured.
+        coordinator.run_coro(force_available(coordinator.state.sessions, [liar.node_id]))
+        coordinator.run_coro(_measured(coordinator, liar.node_id, 2))
+        listed = next(n for n in client.nodes() if n.id == liar.node_id)
+        assert listed.cpu_cores == 2
+        rows = httpx.get(f"{url}/explorer/api/nodes", timeout=10).json()
+        rows = rows["nodes"] if isinstance(rows, dict) else rows
+        assert next(r for r in rows if r["id"] == liar.node_id)["cpu_cores"] == 2
+        assert figures()["cpu_total"] == before["cpu_total"] + 2
     finally:
         agents.close()
 

@@ -30,6 +30,7 @@ from loom.coordinator.db.models import (
 from loom.coordinator.errors import NotFound
 from loom.coordinator.services.reliability import node_inputs
 from loom.core.catalog import CPU_MODEL
+from loom.core.challenge.capacity import offered_units
 from loom.core.models import ClusterState, DeviceKind, DeviceState, NodeState
 from loom.core.money import format_credits
 from loom.core.reliability import score
@@ -63,7 +64,7 @@ def _units(dev: Device) -> int:
 
 async def utilization_now(session: AsyncSession) -> Json:
     rows = await session.execute(
-        select(Device.kind, Device.count, Device.allocated_units, Node.state)
+        select(Device.kind, Device.count, Device.verified_units, Device.allocated_units, Node.state)
         .join(Node, Node.id == Device.node_id)
         .where(
             Device.present.is_(True),
@@ -72,7 +73,8 @@ async def utilization_now(session: AsyncSession) -> Json:
         )
     )
     gpu_total = gpu_alloc = cpu_total = cpu_alloc = 0
-    for kind, count, allocated, _state in rows:
+    for kind, claimed, measured, allocated, _state in rows:
+        count = offered_units(claimed, measured)  # measured, not claimed
         if kind == DeviceKind.CPU.value:
             cpu_total += int(count or 0)
             cpu_alloc += min(int(allocated or 0), int(count or 0))
@@ -272,7 +274,7 @@ def _node_row(node: Node, devices: Sequence[Device], reliability: float | None) 
         "gpu_models": ", ".join(f"{n}× {m}" for m, n in sorted(models.items())) or "—",
         # verified cores only: a claim changes no public figure until the challenge passes
         "cpu_cores": sum(
-            int(d.count or 0)
+            offered_units(d.count, d.verified_units)
             for d in devices
             if d.kind == DeviceKind.CPU.value and d.state == DeviceState.VERIFIED.value
         ),

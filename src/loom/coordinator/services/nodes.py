@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from loom.coordinator.db.models import Device, Node, NodeEvent
 from loom.coordinator.errors import BadRequest, NotFound
 from loom.coordinator.services.reliability import node_scores
+from loom.core.challenge.capacity import offered_units
 from loom.core.models import DeviceKind, DeviceState, NodeState
 from loom.core.money import AmountError, format_credits, parse_credits
 from loom.protocol.api import DeviceOut, NodeOut, NodeUpdate
@@ -251,7 +252,7 @@ def node_out(node: Node, devices: Sequence[Device]) -> NodeOut:
         # verified cores only (0 until the CPU challenge passes); the claim is the cpu
         # device's `count`, listed with its state
         cpu_cores=sum(
-            int(d.count or 0)
+            offered_units(d.count, d.verified_units)
             for d in devices
             if d.kind == DeviceKind.CPU.value and d.state == DeviceState.VERIFIED.value
         ),
