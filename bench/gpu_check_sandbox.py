@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from typing import Any
 
 from gpu_check_net import Network, tail
 from gpu_check_steps import CheckFailed, Ctx, Skip, nvidia_nodes, shared_network, version_of
@@ -47,7 +48,7 @@ def step_cluster_sandbox(ctx: Ctx, reserve: float) -> str:
         ctx.timeout(90, reserve),
     )
     _wait_available(net, ctx.timeout(90, reserve))
-    cmd = [ctx.python, "-m", "loom", "cluster", "up", "--name", "gpucheck", "--nodes", "1"]
+    cmd = [ctx.python, "-m", "loom", "cluster", "up", "--nodes", "1"]
     if ctx.gpu:
         cmd += ["--gpu", f"{ctx.facts['gpu_class']}:1"]
     else:
@@ -55,18 +56,17 @@ def step_cluster_sandbox(ctx: Ctx, reserve: float) -> str:
     # The spec's env may not carry PYTHONPATH or LD_LIBRARY_PATH (loader hooks are
     # refused), so the sandboxed Python finds Ray the way any supplier's would: installed
     # for that interpreter (gpu_check.sh writes a .pth there when it carries wheels).
-    up_timeout = ctx.timeout(150, reserve + 30)
-    cmd += ["--duration", "20m", "--json", "--timeout", str(int(up_timeout))]
-    t0 = time.monotonic()
     env = net.base_env(net.client_home)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=up_timeout + 20)
-    d["cluster_up_s"] = round(time.monotonic() - t0, 2)
-    try:
-        cluster = json.loads(done.stdout)
-    except ValueError:
-        raise CheckFailed(
-            f"`loom cluster up` exited {done.returncode}: {(done.stderr or done.stdout)[-1500:]}"
-        ) from None
+    name = "gpucheck"
+    cluster = _cluster_up(ctx, env, [*cmd, "--name", name], reserve)
+    d["attempts"] = [_brief(cluster)]
+    if cluster.get("state") != "running" and ctx.left(reserve) > 150:
+        # One more try: a head can time out starting on a starved machine.
+        _cluster_down(ctx, env, name)
+        name = "gpucheck-retry"
+        cluster = _cluster_up(ctx, env, [*cmd, "--name", name], reserve)
+        d["attempts"].append(_brief(cluster))
+    d["cluster_up_s"] = cluster["_up_s"]
     d["cluster"] = {k: cluster.get(k) for k in ("state", "reason", "head_address", "timings")}
     d["members"] = [
         {k: m.get(k) for k in ("role", "state", "devices", "node_name", "reason")}
@@ -121,14 +121,7 @@ def step_cluster_sandbox(ctx: Ctx, reserve: float) -> str:
         if problems:
             raise CheckFailed("; ".join(problems))
     finally:
-        down = subprocess.run(
-            [ctx.python, "-m", "loom", "cluster", "down", "gpucheck", "--json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
-        d["cluster_down_exit"] = down.returncode
+        d["cluster_down_exit"] = _cluster_down(ctx, env, name)
     mm = seen["matmul"]
     where = seen.get("device_name") or "CPU"
     return (
@@ -136,6 +129,37 @@ def step_cluster_sandbox(ctx: Ctx, reserve: float) -> str:
         f"{mm.get('what')} {mm.get('tflops', 0):.1f} TFLOP/s ok; /dev/nvidia* inside: "
         f"{seen.get('dev_nvidia')} (allocated {allocated})"
     )
+
+
+def _cluster_up(ctx: Ctx, env: dict[str, str], cmd: list[str], reserve: float) -> dict[str, Any]:
+    """`loom cluster up … --json`: the cluster as it printed it, plus ``_up_s``."""
+    up_timeout = ctx.timeout(150, reserve + 30)
+    cmd = [*cmd, "--duration", "20m", "--json", "--timeout", str(int(up_timeout))]
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=up_timeout + 20)
+    try:
+        cluster = dict(json.loads(done.stdout))
+    except (ValueError, TypeError):
+        raise CheckFailed(
+            f"`loom cluster up` exited {done.returncode}: {(done.stderr or done.stdout)[-1500:]}"
+        ) from None
+    cluster["_up_s"] = round(time.monotonic() - t0, 2)
+    return cluster
+
+
+def _brief(cluster: dict[str, Any]) -> dict[str, Any]:
+    return {k: cluster.get(k) for k in ("name", "state", "reason", "_up_s")}
+
+
+def _cluster_down(ctx: Ctx, env: dict[str, str], name: str) -> int:
+    down = subprocess.run(
+        [ctx.python, "-m", "loom", "cluster", "down", name, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    return down.returncode
 
 
 def _wait_available(net: Network, timeout: float) -> None:
