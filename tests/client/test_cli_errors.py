@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from loom.client.cli.cluster import without_traceback
 from loom.client.cli.runner import run
 from loom.entry import full_app
 from support.servers import free_port
@@ -161,3 +162,17 @@ def test_version_completion_and_config(
     (loom_home / "config.toml").write_text("coordinator = [\n")
     code, _out, err = _run(["nodes"], capsys)
     assert code == 2 and "config.toml" in err
+
+
+def test_cluster_reasons_lose_quoted_tracebacks() -> None:
+    reason = (
+        "a worker failed to start (Ray node exited with code 1:\n"
+        "  INFO node.py:438 -- Failed to get node info\n"
+        "  Traceback (most recent call last):\n"
+        '    File "/venv/bin/ray", line 6, in <module>\n'
+        "      sys.exit(main())\n"
+        "  RuntimeError: GCS unreachable) and no other node fits the spec"
+    )
+    text = without_traceback(reason)
+    assert "Traceback" not in text and 'File "' not in text
+    assert "Failed to get node info" in text and "no other node fits the spec" in text

@@ -212,7 +212,8 @@ def up(
         )
     if wait and cluster.state != "running":
         fail(
-            f"cluster {cluster.name} {cluster.state}: {cluster.reason or 'no reason given'}; "
+            f"cluster {cluster.name} {cluster.state}: "
+            f"{without_traceback(cluster.reason) or 'no reason given'}; "
             f"see `loom cluster status {cluster.name}`",
             EXIT_API,
             error_code=f"cluster_{cluster.state}",
@@ -220,6 +221,24 @@ def up(
 
 
 T = TypeVar("T")
+
+
+def without_traceback(reason: str) -> str:
+    """A reason as a user reads it: a Python traceback quoted from a node's log (its
+    `File …` lines) is cut to its first and last line."""
+    out: list[str] = []
+    skipping = False
+    lines = reason.splitlines()
+    for i, line in enumerate(lines):
+        if "Traceback (most recent call last)" in line:
+            skipping = True
+            out.append(line.split("Traceback (most recent call last)")[0] + "(traceback cut)")
+            continue
+        if skipping and (line[:1].isspace() or not line.strip()) and i < len(lines) - 1:
+            continue
+        skipping = False
+        out.append(line.strip() if out and out[-1].endswith("(traceback cut)") else line)
+    return "\n".join(x.rstrip() for x in out).strip()
 
 
 def _retrying(call: Callable[[], T], retry: bool, deadline: float) -> T:
@@ -326,7 +345,7 @@ def status(
 def _status_view(cluster: ClusterOut, money: ClusterMoney) -> Group:
     head = Text.from_markup(
         f"[bold]{escape(cluster.name)}[/] ({cluster.id}) {styled_state(cluster.state)}"
-        + (f" — {escape(cluster.reason)}" if cluster.reason else "")
+        + (f" — {escape(without_traceback(cluster.reason))}" if cluster.reason else "")
     )
     line = Text(
         f"head: {cluster.head_address or '-'}   price: {cluster.price_per_hour} credits/hour   "
