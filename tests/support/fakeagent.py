@@ -23,7 +23,9 @@ from typing import Any
 from sqlalchemy import select, update
 from websockets.asyncio.client import connect
 
+from loom.coordinator.bus import publish_on
 from loom.coordinator.db.models import Device, Node
+from loom.protocol.events import ChangeCause
 from loom.protocol.identity import KeyPair, node_id_for
 from loom.protocol.messages import GpuInfo, Inventory
 from support.rawagent import auth_message, ws_url
@@ -206,3 +208,5 @@ async def force_available(sessions: Any, node_ids: list[str]) -> None:
             .values(state="available")
         )
         await session.commit()
+        for node_id in node_ids:  # like every writer, tell the placement index
+            publish_on(session, node_id, ChangeCause.DEVICE_VERDICT)

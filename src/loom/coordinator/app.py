@@ -17,6 +17,7 @@ from loom.coordinator.api import docs as docs_api
 from loom.coordinator.api import explorer as explorer_api
 from loom.coordinator.api import tunnel as tunnel_api
 from loom.coordinator.api.limits import BodyLimitMiddleware
+from loom.coordinator.bus import BUS_KEY, EventBus
 from loom.coordinator.challenger import Challenger
 from loom.coordinator.config import Settings
 from loom.coordinator.confirmation import confirm_step
@@ -26,9 +27,12 @@ from loom.coordinator.loops.settlement import settlement_step
 from loom.coordinator.loops.watchdog import flush_heartbeats, watchdog_step
 from loom.coordinator.overlay import api as overlay_api
 from loom.coordinator.overlay import service as overlay_service
+from loom.coordinator.placement_index import RESYNC_S as PLACEMENT_RESYNC_S
+from loom.coordinator.placement_index import PlacementIndex
 from loom.coordinator.services.confirmation import CONFIRM_INTERVAL_S
 from loom.coordinator.services.lifecycle import activate_on_connect
 from loom.coordinator.state import CoordinatorState
+from loom.protocol.events import NodePresence
 from loom.protocol.messages import Report
 
 log = logging.getLogger(__name__)
@@ -37,13 +41,23 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> FastAPI:
     engine = create_engine(settings.db_url)
     state = CoordinatorState(settings=settings, engine=engine, sessions=session_factory(engine))
+    # Change events (loom.protocol.events) from every session to the placement index.
+    bus = EventBus()
+    state.sessions.configure(info={BUS_KEY: bus})
+    placement = PlacementIndex(
+        state.sessions, require_verified=settings.require_verified, presence=state.hub.connections
+    )
+    placement.attach(bus)
+    state.placement = placement
 
     async def on_connect(node_id: str) -> None:
+        bus.publish(NodePresence(node_id=node_id, connected=True))
         await activate_on_connect(state, node_id)
         # The agent answers only once its receive loop runs: sync in the background.
         state.track(asyncio.create_task(healing.on_node_connected(state, node_id)))
 
     async def on_offline(node_id: str) -> None:
+        bus.publish(NodePresence(node_id=node_id, connected=False))
         state.track(asyncio.create_task(healing.on_node_offline(state, node_id)))
 
     async def on_member_lost(node_id: str, report: Report, _received_at: float) -> None:
@@ -67,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
             gc.freeze()
             gc.set_threshold(50_000, 20, 100)
         state.started_at = time.time()
+        await placement.load()  # before the first request; then events and resyncs
 
         async def watchdog() -> None:
             await watchdog_step(state)
@@ -83,6 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
         state.spawn_loop("challenger", challenger.config.loop_s, challenger_loop(challenger))
         state.spawn_loop("settlement", settings.settle_interval_s, lambda: settlement_step(state))
         state.spawn_loop("confirmation", CONFIRM_INTERVAL_S, lambda: confirm_step(state))
+        state.spawn_loop("placement-resync", PLACEMENT_RESYNC_S, placement.load)
         await overlay_service.install(state)  # the Nebula lighthouse, when configured
         explorer_api.start(_app)
         log.info("coordinator ready on %s:%s (db %s)", settings.host, settings.port, engine.url)

@@ -139,6 +139,7 @@ async def replace_member(
             connected=set(state.hub.connections),
             require_verified=state.settings.require_verified,
             exclude_nodes=frozenset(tried),
+            index=state.placement,
         )
         if isinstance(plan, PlacementFailure):
             return None

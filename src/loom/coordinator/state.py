@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from loom.coordinator.config import Settings
 from loom.coordinator.hub import AgentHub
 from loom.coordinator.metrics import count_loop_item_error
+from loom.coordinator.placement_index import PlacementIndex
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class CoordinatorState:
     #: At most this many handshakes write to the database at once.
     handshake_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
     started_at: float = 0.0
+    #: The long-lived placement index (``placement_index``), set up by the app factory.
+    placement: PlacementIndex | None = None
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:

@@ -28,8 +28,9 @@ async def create_cluster(
         caller,
         spec,
         time.time(),
-        connected=set(state.hub.connections),
+        connected=state.hub.connections.keys(),
         require_verified=state.settings.require_verified,
+        index=state.placement,
     )
     state.drive(cluster.id, provisioner.provision(state, cluster.id))
     return await cluster_service.cluster_out(session, cluster)

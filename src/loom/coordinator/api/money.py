@@ -262,7 +262,12 @@ async def offers(
 ) -> list[OfferOut]:
     """Live offers from connected, placeable nodes that match the query."""
     found = await market.search(
-        session, q, sort=sort, limit=limit, connected=set(state.hub.connections)
+        session,
+        q,
+        sort=sort,
+        limit=limit,
+        connected=state.hub.connections.keys(),
+        index=state.placement,
     )
     return [_offer(o) for o in found]
 
@@ -280,8 +285,9 @@ async def quote(
     result = await market.quote_spec(
         session,
         spec,
-        connected=set(state.hub.connections),
+        connected=state.hub.connections.keys(),
         require_verified=state.settings.require_verified,
+        index=state.placement,
     )
     q, cmp = result.quote, result.quote.comparison
     hyper_hourly = None

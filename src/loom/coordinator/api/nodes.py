@@ -6,12 +6,14 @@ from fastapi import APIRouter, Query
 from sqlalchemy import func, select
 
 from loom.coordinator.api.deps import CallerDep, SessionDep
+from loom.coordinator.bus import publish_on
 from loom.coordinator.db.models import Node
 from loom.coordinator.errors import BadRequest, Forbidden
 from loom.coordinator.services import auth as auth_service
 from loom.coordinator.services import nodes as node_service
 from loom.core.models import NodeState
 from loom.protocol.api import AccountOut, NodeOut, NodeUpdate
+from loom.protocol.events import ChangeCause
 from loom.protocol.identity import IdentityError, parse_key_hex
 
 router = APIRouter(prefix="/v1", tags=["nodes"])
@@ -67,6 +69,7 @@ async def update_node(
             "not_owner", f"node {node_id} belongs to another key; only its owner may change it"
         )
     node_service.apply_update(node, body)
+    publish_on(session, node.id, ChangeCause.PRICE)
     await session.commit()
     devices = await node_service.devices_by_node(session, [node.id])
     return node_service.node_out(node, devices.get(node.id, []))

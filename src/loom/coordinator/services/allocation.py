@@ -8,16 +8,19 @@ rowcount 0, rolls back, and places again.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Set as AbstractSet
 from typing import cast
 
 from sqlalchemy import Table, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from loom.coordinator.bus import publish_on
 from loom.coordinator.db.models import Allocation, Device, Node
 from loom.core.catalog import CPU_MODEL
 from loom.core.challenge.capacity import offered_units
 from loom.core.models import ConnectivityTier, DeviceState, NodeState, SecurityTier
 from loom.core.placement import DeviceIndex, FreeDevice, NodeCapacity, Requirement
+from loom.protocol.events import ChangeCause
 
 PLACEABLE = (NodeState.AVAILABLE.value, NodeState.ALLOCATED.value)
 
@@ -25,13 +28,17 @@ PLACEABLE = (NodeState.AVAILABLE.value, NodeState.ALLOCATED.value)
 class ReservationConflict(RuntimeError):
     """Someone else took a unit between placement and reservation; place again."""
 
+    def __init__(self, message: str, device_id: str = "") -> None:
+        super().__init__(message)
+        self.device_id = device_id
+
 
 async def build_index(
     session: AsyncSession,
     req: Requirement,
     *,
     require_verified: bool,
-    connected: set[str] | None = None,
+    connected: AbstractSet[str] | None = None,
     reliability: dict[str, float] | None = None,
 ) -> DeviceIndex:
     """An index of free capacity for the models `req` accepts (one query, indexed)."""
@@ -100,17 +107,21 @@ async def reserve(
     for device_id in device_ids:
         row = (
             await session.execute(
-                select(Device.count, Device.verified_units).where(Device.id == device_id)
+                select(Device.count, Device.verified_units, Device.node_id).where(
+                    Device.id == device_id
+                )
             )
         ).first()
         cap = offered_units(row[0], row[1]) if row is not None else 1
+        if row is not None:
+            publish_on(session, row[2], ChangeCause.ALLOCATION)
         result = await session.execute(
             update(table)
             .where(table.c.id == device_id, table.c.allocated_units + units_each <= cap)
             .values(allocated_units=table.c.allocated_units + units_each)
         )
         if getattr(result, "rowcount", 0) != 1:
-            raise ReservationConflict(f"device {device_id} was taken concurrently")
+            raise ReservationConflict(f"device {device_id} was taken concurrently", device_id)
         session.add(Allocation(member_id=member_id, device_id=device_id, units=units_each))
 
 
@@ -132,6 +143,7 @@ async def release(session: AsyncSession, member_id: str) -> list[str]:
         node_id = await session.scalar(select(Device.node_id).where(Device.id == alloc.device_id))
         if node_id:
             nodes.add(node_id)
+            publish_on(session, node_id, ChangeCause.ALLOCATION)
         await session.delete(alloc)
     return sorted(nodes)
 

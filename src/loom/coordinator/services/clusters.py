@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from sqlalchemy import select
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from loom.coordinator.db.models import Allocation, Cluster, ClusterEvent, Device, Member, Node
 from loom.coordinator.errors import BadRequest, Conflict, NotFound
 from loom.coordinator.metrics import timed_placement
+from loom.coordinator.placement_index import PlacementIndex
 from loom.coordinator.services import allocation, billing, confirmation
 from loom.coordinator.services import nodes as node_service
 from loom.coordinator.services.reliability import scores_now
@@ -92,19 +94,24 @@ async def placement_for(
     spec: ClusterSpec,
     nodes: int,
     *,
-    connected: set[str],
+    connected: AbstractSet[str],
     require_verified: bool,
     exclude_nodes: frozenset[str] = frozenset(),
+    index: PlacementIndex | None = None,
 ) -> PlacementPlan | PlacementFailure:
+    """Place from the coordinator's long-lived index when given one (the running
+    coordinator always does), else from an index built from the database for this call."""
     req = requirement_from_spec(spec)
-    index = await allocation.build_index(
+    if index is not None and index.require_verified == require_verified:
+        return await index.place(req, nodes, connected=connected, exclude_nodes=exclude_nodes)
+    built = await allocation.build_index(
         session,
         req,
         require_verified=require_verified,
         connected=connected,
         reliability=await scores_now(session, sorted(connected)),
     )
-    return place(req, nodes, index, exclude_nodes=exclude_nodes)
+    return place(req, nodes, built, exclude_nodes=exclude_nodes)
 
 
 async def create_cluster(
@@ -113,10 +120,14 @@ async def create_cluster(
     spec: ClusterSpec,
     now: float,
     *,
-    connected: set[str],
+    connected: AbstractSet[str],
     require_verified: bool,
+    index: PlacementIndex | None = None,
 ) -> Cluster:
-    """Validate, place and reserve; the cluster comes back `provisioning`, committed."""
+    """Validate, place and reserve; the cluster comes back `provisioning`, committed.
+
+    A reservation that loses a race (the index was stale, or a parallel request won)
+    rolls back, re-reads that device's node into the index and places again."""
     name = spec.name or f"cluster-{secrets.token_hex(3)}"
     clash = await session.scalar(
         select(Cluster.id).where(
@@ -128,15 +139,22 @@ async def create_cluster(
     for _attempt in range(5):
         t_place = time.perf_counter()
         plan = await placement_for(
-            session, spec, spec.nodes, connected=connected, require_verified=require_verified
+            session,
+            spec,
+            spec.nodes,
+            connected=connected,
+            require_verified=require_verified,
+            index=index,
         )
         if isinstance(plan, PlacementFailure):
             raise Conflict("no_capacity", plan.reason)
         placed_s = time.perf_counter() - t_place
         try:
             cluster = await _reserve_plan(session, owner, name, spec, plan, now)
-        except allocation.ReservationConflict:
+        except allocation.ReservationConflict as exc:
             await session.rollback()
+            if index is not None:
+                index.invalidate_device(exc.device_id)
             continue
         except IntegrityError as exc:
             await session.rollback()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from loom.coordinator.bus import publish_on
 from loom.coordinator.db.models import Device, Node
 from loom.coordinator.errors import BadRequest, Conflict
+from loom.coordinator.placement_index import PlacementIndex
 from loom.coordinator.services import clusters as cluster_service
 from loom.coordinator.services.reliability import scores_now
 from loom.core.catalog import CPU_MODEL
@@ -20,6 +23,7 @@ from loom.core.placement import PlacementFailure, PlacementPlan
 from loom.core.pricing import Quote, median_price, quote_lines
 from loom.core.query import Offer, QueryError, filter_offers, parse_query, sort_offers
 from loom.core.spec import ClusterSpec
+from loom.protocol.events import ChangeCause
 
 PLACEABLE = (NodeState.AVAILABLE.value, NodeState.ALLOCATED.value)
 #: Nodes whose price counts for the network median (`--price auto`).
@@ -29,9 +33,16 @@ MAX_OFFERS = 1000
 
 
 async def live_offers(
-    session: AsyncSession, *, connected: set[str] | None, models: frozenset[str] | None = None
+    session: AsyncSession,
+    *,
+    connected: AbstractSet[str] | None,
+    models: frozenset[str] | None = None,
+    index: PlacementIndex | None = None,
 ) -> list[Offer]:
-    """One offer per (node, model) with free devices, from placeable (and connected) nodes."""
+    """One offer per (node, model) with free devices, from placeable (and connected) nodes:
+    from the coordinator's long-lived index when given one, else from the database."""
+    if index is not None:
+        return await index.offers(connected=connected, models=models)
     stmt = (
         select(Device, Node)
         .join(Node, Node.id == Device.node_id)
@@ -89,7 +100,8 @@ async def search(
     *,
     sort: str = "price",
     limit: int = 100,
-    connected: set[str] | None,
+    connected: AbstractSet[str] | None,
+    index: PlacementIndex | None = None,
 ) -> list[Offer]:
     """Offers matching ``query``; a parse error is a 400 whose message points at the token."""
     try:
@@ -100,7 +112,7 @@ async def search(
         sort_offers([], sort)
     except ValueError as exc:
         raise BadRequest("invalid_sort", str(exc), field="sort") from None
-    offers = await live_offers(session, connected=connected, models=parsed.models())
+    offers = await live_offers(session, connected=connected, models=parsed.models(), index=index)
     return sort_offers(filter_offers(parsed, offers), sort)[: max(1, min(limit, MAX_OFFERS))]
 
 
@@ -113,11 +125,21 @@ class QuoteResult:
 
 
 async def quote_spec(
-    session: AsyncSession, spec: ClusterSpec, *, connected: set[str], require_verified: bool
+    session: AsyncSession,
+    spec: ClusterSpec,
+    *,
+    connected: AbstractSet[str],
+    require_verified: bool,
+    index: PlacementIndex | None = None,
 ) -> QuoteResult:
     """Price a spec on the placement `cluster up` would make right now."""
     plan = await cluster_service.placement_for(
-        session, spec, spec.nodes, connected=connected, require_verified=require_verified
+        session,
+        spec,
+        spec.nodes,
+        connected=connected,
+        require_verified=require_verified,
+        index=index,
     )
     if isinstance(plan, PlacementFailure):
         raise Conflict("no_capacity", plan.reason)
@@ -161,5 +183,6 @@ async def refresh_auto_prices(session: AsyncSession) -> int:
         median = median_price(fixed.get(primary(node_id), []))
         if median is not None and median != price[node_id]:
             await session.execute(update(Node).where(Node.id == node_id).values(price_micro=median))
+            publish_on(session, node_id, ChangeCause.PRICE)
             changed += 1
     return changed

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from loom.coordinator.bus import publish_on
 from loom.coordinator.db.models import Device, Node, NodeEvent
 from loom.coordinator.errors import BadRequest, NotFound
 from loom.coordinator.services.reliability import node_scores
@@ -20,6 +21,7 @@ from loom.core.challenge.capacity import offered_units
 from loom.core.models import DeviceKind, DeviceState, NodeState
 from loom.core.money import AmountError, format_credits, parse_credits
 from loom.protocol.api import DeviceOut, NodeOut, NodeUpdate
+from loom.protocol.events import ChangeCause
 from loom.protocol.messages import Inventory
 
 # The transitions the coordinator allows (DESIGN.md §4). `banned` is terminal.
@@ -71,6 +73,7 @@ def transition(session: AsyncSession, node: Node, to: NodeState, reason: str, no
     )
     node.state = to.value
     node.state_changed_at = now
+    publish_on(session, node.id, ChangeCause.NODE_STATE)
     return True
 
 
@@ -185,6 +188,7 @@ async def sync_devices(session: AsyncSession, node: Node, inv: Inventory) -> lis
         result.append(old)
     for gone in existing.values():
         gone.present = False
+    publish_on(session, node.id, ChangeCause.NODE_FACTS)
     return result
 
 

@@ -12,7 +12,7 @@ Facts over the scoring window (the last 30 days):
   not held against the node), with their ages;
 * **clusters**: members released normally versus members lost.
 
-Three batched queries per call, whatever the number of nodes.
+Four queries per chunk of 1,000 node ids (``db.batching``), whatever the number of nodes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from loom.coordinator.db.batching import chunks
 from loom.coordinator.db.models import DeviceChallenge, Member, Node, NodeEvent
 from loom.core.models import MemberState, NodeState
 from loom.core.reliability import ChallengeResult, ReliabilityInputs, score
@@ -57,11 +58,21 @@ async def node_inputs(
     now: float,
     heartbeat_interval_s: float = 5.0,
 ) -> dict[str, ReliabilityInputs]:
-    ids = list(node_ids)
-    if not ids:
-        return {}
+    out: dict[str, ReliabilityInputs] = {}
+    for ids in chunks(node_ids):  # bounded IN-lists, whatever the network's size
+        out.update(await _chunk_inputs(session, ids, now, heartbeat_interval_s))
+    return out
+
+
+async def _chunk_inputs(
+    session: AsyncSession, ids: list[str], now: float, heartbeat_interval_s: float
+) -> dict[str, ReliabilityInputs]:
     since = now - WINDOW_S
-    nodes = list((await session.execute(select(Node).where(Node.id.in_(ids)))).scalars())
+    nodes = (  # the three columns scoring reads, not whole ORM rows
+        await session.execute(
+            select(Node.id, Node.registered_at, Node.heartbeats).where(Node.id.in_(ids))
+        )
+    ).all()
     timeline: dict[str, list[tuple[float, str]]] = defaultdict(list)
     rows = await session.execute(
         select(NodeEvent.node_id, NodeEvent.at, NodeEvent.to_state)

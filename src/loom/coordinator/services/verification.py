@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from loom.coordinator.bus import publish_on
 from loom.coordinator.config import Settings
 from loom.coordinator.db.models import ChallengeEvidence, Device, DeviceChallenge, Node
 from loom.coordinator.services import nodes as node_service
@@ -22,6 +23,7 @@ from loom.core.challenge import ChallengeResult, device_classes, params_for
 from loom.core.challenge.capacity import cores_supported
 from loom.core.challenge.params import UnknownDeviceClass
 from loom.core.models import DeviceKind, DeviceState, NodeState
+from loom.protocol.events import ChangeCause
 from loom.protocol.verification import ChallengeOut, EvidenceOut
 
 #: Device classes that only a CPU may be challenged with (never a GPU's claim).
@@ -197,6 +199,7 @@ def record_result(
                 )
         elif outcome == "failed":
             device.state = DeviceState.FAILED.value
+    publish_on(session, node.id, ChangeCause.DEVICE_VERDICT)  # and a reliability input
     rows: list[ChallengeEvidence] = []
     for ev in result.evidence:
         row = ChallengeEvidence(

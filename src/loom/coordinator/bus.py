@@ -1,0 +1,57 @@
+"""The coordinator's in-process event bus: ``publish(event)`` to subscribers.
+
+Subscribers are plain synchronous callables and must be cheap (the placement index only
+marks a node dirty). Code that holds a database session publishes with
+:func:`publish_on`, which finds the bus the session factory was configured with
+(``sessions.configure(info={BUS_KEY: bus})`` at start-up), so service functions need no
+extra parameter and sessions without a bus (tools, tests of one service) publish nothing.
+
+The interface is what a NATS-backed bus would offer too: events are typed pydantic models
+(``loom.protocol.events``) that serialise to JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from loom.protocol.events import ChangeCause, NodeChanged, NodePresence
+
+log = logging.getLogger(__name__)
+
+BUS_KEY = "loom.bus"
+Event = NodeChanged | NodePresence
+Subscriber = Callable[[Event], None]
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+        self.published = 0
+
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        """Add a subscriber; returns a function that removes it."""
+        self._subscribers.append(fn)
+        return lambda: self._subscribers.remove(fn)
+
+    def publish(self, event: Event) -> None:
+        self.published += 1
+        for fn in list(self._subscribers):
+            try:
+                fn(event)
+            except Exception:  # one broken subscriber must not break the publisher
+                log.exception("event subscriber failed on %s", event.type)
+
+
+def bus_of(session: AsyncSession) -> EventBus | None:
+    bus = session.info.get(BUS_KEY)
+    return bus if isinstance(bus, EventBus) else None
+
+
+def publish_on(session: AsyncSession, node_id: str, cause: ChangeCause) -> None:
+    """Publish ``NodeChanged(node_id, cause)`` on the session's bus, if it has one."""
+    bus = bus_of(session)
+    if bus is not None and node_id:
+        bus.publish(NodeChanged(node_id=node_id, cause=cause))
