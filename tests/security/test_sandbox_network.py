@@ -36,6 +36,7 @@ from loom.agent.netns import (
     NetnsConfig,
     NetnsManager,
     driver_prefix,
+    host_lock,
     netns_names,
     unavailable_reason,
 )
@@ -359,3 +360,21 @@ def test_a_ray_task_cannot_reach_host_services_or_the_lan(
 
 def ipaddress_before(ip: str) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(ip) - 1
+
+
+def test_leftovers_of_a_killed_agent_are_removed() -> None:
+    """A restarted agent removes its namespaces (and what still runs in them); an empty
+    namespace of an agent that never came back is collected by any other agent."""
+    tag = f"loom-{secrets.token_hex(3)}"
+    crashed = NetnsManager(tag)
+    a = crashed.create("c000000001", "cluster-x")
+    inside = listener(SERVICE_PORT, a.ns_ip, ["nsenter", f"--net={a.path}"])  # like Nebula
+    restarted = NetnsManager(tag)
+    assert a.name in restarted.cleanup_leftovers()
+    assert inside.wait(10) != 0  # killed with its namespace
+    nothing_left(restarted, [a])
+    gone = NetnsManager(f"loom-{secrets.token_hex(3)}")
+    b = gone.create("d000000001", "cluster-y")
+    with host_lock():
+        assert crashed._remove_orphans(min_age_s=0, only=frozenset({b.name})) == [b.name]
+    nothing_left(gone, [b])

@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -78,6 +79,7 @@ __all__ = [
     "driver_prefix",
     "for_agent",
     "host_addresses",
+    "host_lock",
     "namespace_of",
     "netns_names",
     "unavailable_reason",
@@ -88,6 +90,9 @@ log = logging.getLogger(__name__)
 Egress = Literal["internet", "none"]
 EGRESS_CHOICES: tuple[str, ...] = ("internet", "none")
 DEFAULT_RANGE = "10.201.0.0/16"
+#: An empty member namespace older than this belongs to an agent that was killed.
+ORPHAN_AGE_S = 600.0
+_ORPHAN = re.compile(r"^loom-[0-9a-f]{6}-([0-9a-f]{10})$")
 
 _NAME = re.compile(r"^[a-z0-9-]{1,40}$")
 
@@ -196,6 +201,7 @@ class NetnsManager:
         allow = self.config.egress == "internet" if egress is None else egress
         with host_lock():
             self._remove(name, host_if)  # a leftover with the same name
+            self._remove_orphans()
             _ensure_table()
             host_ip, ns_ip = self._allocate(short_id)
             try:
@@ -311,8 +317,34 @@ class NetnsManager:
                     f"loom {self.agent_tag} "
                 ):
                     _run(["ip", "link", "del", str(link["ifname"])], check=False)
+            stale += self._remove_orphans()
             self._gc()
         return stale
+
+    def _remove_orphans(
+        self, min_age_s: float = ORPHAN_AGE_S, only: frozenset[str] | None = None
+    ) -> list[str]:
+        """Remove any agent's member namespace that is empty and old (its agent was killed
+        and never came back with the same directory). A live member always has a process
+        inside (Ray, Nebula) within seconds of its creation. Call under the host lock."""
+        removed = []
+        now = time.time()
+        for name in netns_names():
+            found = _ORPHAN.match(name)
+            if not found or (only is not None and name not in only):
+                continue
+            try:
+                age = now - (NETNS_DIR / name).stat().st_mtime
+            except OSError:
+                continue
+            if age < min_age_s or _run(["ip", "netns", "pids", name], check=False).split():
+                continue
+            self._remove(name, f"{IF_PREFIX}{found.group(1)}")
+            removed.append(name)
+        if removed:
+            self._gc()
+            log.info("removed empty member namespaces of vanished agents: %s", removed)
+        return removed
 
 
 def for_agent(base_dir: Path, runtime: str, config: NetnsConfig) -> NetnsManager | None:
