@@ -61,7 +61,7 @@ def random_spec(rng: random.Random, i: int) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "name": f"b{i}",
         "nodes": rng.randint(1, 8),
-        "resources": {"gpu": " or ".join(models) if len(models) > 1 else models[0]},
+        "resources": {"gpu": models},
         "duration": "10m",
     }
     roll = rng.random()

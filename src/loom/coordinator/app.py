@@ -27,6 +27,7 @@ from loom.coordinator.loops.settlement import settlement_step
 from loom.coordinator.loops.watchdog import flush_heartbeats, watchdog_step
 from loom.coordinator.overlay import api as overlay_api
 from loom.coordinator.overlay import service as overlay_service
+from loom.coordinator.placement_index import REFRESH_S as PLACEMENT_REFRESH_S
 from loom.coordinator.placement_index import RESYNC_S as PLACEMENT_RESYNC_S
 from loom.coordinator.placement_index import PlacementIndex
 from loom.coordinator.services.confirmation import CONFIRM_INTERVAL_S
@@ -99,6 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
         state.spawn_loop("settlement", settings.settle_interval_s, lambda: settlement_step(state))
         state.spawn_loop("confirmation", CONFIRM_INTERVAL_S, lambda: confirm_step(state))
         state.spawn_loop("placement-resync", PLACEMENT_RESYNC_S, placement.load)
+        state.spawn_loop("placement-refresh", PLACEMENT_REFRESH_S, placement.refresh)
         await overlay_service.install(state)  # the Nebula lighthouse, when configured
         explorer_api.start(_app)
         log.info("coordinator ready on %s:%s (db %s)", settings.host, settings.port, engine.url)

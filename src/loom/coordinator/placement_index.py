@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Container, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, select
@@ -44,12 +44,13 @@ from loom.core.placement import (
     place,
 )
 from loom.core.query import Offer
-from loom.protocol.events import NodeChanged, NodePresence
+from loom.protocol.events import ChangeCause, NodeChanged, NodePresence
 
 log = logging.getLogger(__name__)
 
 PAGE = 2000  # nodes per page when loading
 RESYNC_S = 60.0
+REFRESH_S = 0.25  # background re-read of dirty nodes
 SCORE_RESYNC_S = 600.0
 SETTLE_S = 2.0
 DEFAULT_RELIABILITY = 0.5
@@ -270,6 +271,11 @@ class PlacementIndex:
         self._device_node: dict[str, str] = {}
         #: node id -> (monotonic time of its last event, read since that event)
         self._dirty: dict[str, tuple[float, bool]] = {}
+        #: Dirty nodes whose change may make memory offer too much (a state, verdict, fact
+        #: or price change, or a lost reservation race): re-read before the next placement.
+        #: Allocation changes are not urgent: this process applies its own reservations to
+        #: memory at once (:meth:`reserved`), and a stale free unit costs only a retry.
+        self._urgent: set[str] = set()
         self._lock = asyncio.Lock()
         self.loaded = False
         self.loaded_at = 0.0
@@ -292,6 +298,8 @@ class PlacementIndex:
             self._relist(event.node_id)
         elif isinstance(event, NodeChanged):
             self._dirty[event.node_id] = (time.monotonic(), False)
+            if event.cause is not ChangeCause.ALLOCATION:
+                self._urgent.add(event.node_id)
 
     def invalidate_device(self, device_id: str) -> None:
         """A reservation of ``device_id`` lost a race: re-read its node before placing."""
@@ -299,6 +307,7 @@ class PlacementIndex:
         node_id = self._device_node.get(device_id)
         if node_id is not None:
             self._dirty[node_id] = (time.monotonic() - self.settle_s, True)  # re-read, now
+            self._urgent.add(node_id)
             self.index.remove(node_id)
 
     # -- loading
@@ -359,18 +368,21 @@ class PlacementIndex:
         A node is read right after its event and once more :data:`SETTLE_S` later (a read
         that raced the publisher's commit saw the old row), then it is clean.
         """
-        if not self._dirty:
+        if not self._dirty and not self._urgent:
             return
-        async with self._lock:
+        async with self._lock:  # also waits for a read in flight (urgent nodes)
             now = time.monotonic()
             ids: list[str] = []
+            seen: dict[str, float] = {}  # the event each read answers
             for node_id, (marked, read) in list(self._dirty.items()):
                 if not read:
-                    ids.append(node_id)
                     self._dirty[node_id] = (marked, True)
                 elif now - marked >= self.settle_s:
-                    ids.append(node_id)
                     del self._dirty[node_id]
+                else:
+                    continue
+                ids.append(node_id)
+                seen[node_id] = marked
             for chunk in chunks(sorted(ids)):
                 async with self.sessions() as session:
                     rows = await _load_nodes(session, chunk)
@@ -387,7 +399,25 @@ class PlacementIndex:
                         continue
                     self.scores[node_id] = got.get(node_id, DEFAULT_RELIABILITY)
                     self._store(row)
+                for node_id in chunk:  # urgent until a read started after its last event
+                    entry = self._dirty.get(node_id)
+                    if entry is None or entry[0] == seen[node_id]:
+                        self._urgent.discard(node_id)
                 self.refreshed_nodes += len(chunk)
+
+    def reserved(self, plan: PlacementPlan) -> None:
+        """This process committed ``plan``'s reservation: take its units in memory now."""
+        for member in plan.members:
+            row = self.nodes.get(member.node_id)
+            if row is None:
+                continue
+            units = member.units if member.model == CPU_MODEL else 1
+            taken = set(member.device_ids)
+            devices = tuple(
+                replace(d, allocated_units=d.allocated_units + units) if d.id in taken else d
+                for d in row.devices
+            )
+            self._store(replace(row, devices=devices))
 
     # -- memory
     def _store(self, row: NodeRow, *, relist: bool = True) -> None:
@@ -432,7 +462,8 @@ class PlacementIndex:
         """Place from memory; a member on a node not in ``connected`` is excluded and retried."""
         if not self.loaded:
             await self.load()
-        await self.refresh()
+        if self._urgent:
+            await self.refresh()
         exclude = set(exclude_nodes)
         result = place(req, nodes, self.index, exclude_nodes=frozenset(exclude))
         for _ in range(MAX_RETRIES):
@@ -453,7 +484,8 @@ class PlacementIndex:
         """The market's live offers from memory (connected, placeable nodes)."""
         if not self.loaded:
             await self.load()
-        await self.refresh()
+        if self._urgent:
+            await self.refresh()
         out: list[Offer] = []
         for node_id, row in self.nodes.items():
             if row.state not in PLACEABLE:

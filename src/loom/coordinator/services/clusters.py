@@ -171,6 +171,8 @@ async def create_cluster(
             if _is_name_clash(exc):
                 raise _name_taken(name) from None
             raise
+        if index is not None:
+            index.reserved(plan)
         return cluster
     raise Conflict("busy", "capacity changed while placing five times in a row; try again")
 

@@ -73,7 +73,10 @@ def transition(session: AsyncSession, node: Node, to: NodeState, reason: str, no
     )
     node.state = to.value
     node.state_changed_at = now
-    publish_on(session, node.id, ChangeCause.NODE_STATE)
+    both_placeable = {current, to} <= {NodeState.AVAILABLE, NodeState.ALLOCATED}
+    publish_on(
+        session, node.id, ChangeCause.ALLOCATION if both_placeable else ChangeCause.NODE_STATE
+    )
     return True
 
 
