@@ -4,11 +4,15 @@ Built once at start (keyset-paged queries over node-id ranges, never an IN-list 
 network), then kept current by change events (``loom.protocol.events``) published on the
 coordinator's bus by the code that changes placeability: node state transitions, device
 verdicts, reservations and releases, price refreshes, presence of agents. An event only
-marks its node *dirty*; the next placement re-reads the dirty nodes (bounded chunks) before
-it places, so events carry no values and a duplicated one is harmless. A node stays dirty
-for :data:`SETTLE_S` after its last event, so a read that raced the publisher's commit is
-repeated. :meth:`PlacementIndex.resync` (every :data:`RESYNC_S`) re-reads everything and
-repairs any missed event; scores are recomputed in full every :data:`SCORE_RESYNC_S`.
+marks its node *dirty* and the node is re-read from the database (bounded chunks), so events
+carry no values and a duplicated one is harmless; it is read again :data:`SETTLE_S` later, in
+case the first read raced the publisher's commit. *Urgent* changes (anything that may make
+memory offer too much: state, verdict, facts, price, a lost reservation race) are re-read
+before the next placement; allocation changes by the background :meth:`refresh` every
+:data:`REFRESH_S`, this process's own reservations being applied to memory at once
+(:meth:`PlacementIndex.reserved`). :meth:`PlacementIndex.resync` (every :data:`RESYNC_S`)
+re-reads everything and repairs any missed event; scores are recomputed in full every
+:data:`SCORE_RESYNC_S`.
 
 Reservation is still the conditional UPDATE of ``services.allocation.reserve``: a stale
 index can only propose a device that is no longer free, which costs a retry (the loser

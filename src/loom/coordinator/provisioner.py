@@ -26,6 +26,7 @@ from loom.coordinator.overlay import service as overlay_service
 from loom.coordinator.services import billing
 from loom.coordinator.services import clusters as cluster_service
 from loom.coordinator.services import confirmation as confirmation_service
+from loom.coordinator.services.allocation import ReservationConflict
 from loom.coordinator.state import CoordinatorState
 from loom.core.models import ClusterState, MemberState
 from loom.core.placement import PlacementFailure
@@ -129,26 +130,36 @@ async def replace_member(
 ) -> str | None:
     """Place and reserve a replacement for `failed`; returns the new member id or None."""
     async with state.session() as session:
-        cluster = await session.get(Cluster, cluster_id)
-        assert cluster is not None
-        spec = cluster_service.spec_of(cluster)
-        plan = await cluster_service.placement_for(
-            session,
-            spec,
-            1,
-            connected=set(state.hub.connections),
-            require_verified=state.settings.require_verified,
-            exclude_nodes=frozenset(tried),
-            index=state.placement,
-        )
-        if isinstance(plan, PlacementFailure):
-            return None
-        replacement = plan.members[0]
-        member = await cluster_service.add_member(
-            session, cluster, dc_replace(replacement, role=failed.role), time.time()
-        )
-        await session.commit()
-        return member.id
+        for _attempt in range(5):  # a lost reservation race (stale index): place again
+            cluster = await session.get(Cluster, cluster_id)
+            assert cluster is not None
+            spec = cluster_service.spec_of(cluster)
+            plan = await cluster_service.placement_for(
+                session,
+                spec,
+                1,
+                connected=state.hub.connections.keys(),
+                require_verified=state.settings.require_verified,
+                exclude_nodes=frozenset(tried),
+                index=state.placement,
+            )
+            if isinstance(plan, PlacementFailure):
+                return None
+            replacement = plan.members[0]
+            try:
+                member = await cluster_service.add_member(
+                    session, cluster, dc_replace(replacement, role=failed.role), time.time()
+                )
+            except ReservationConflict as exc:
+                await session.rollback()
+                if state.placement is not None:
+                    state.placement.invalidate_device(exc.device_id)
+                continue
+            await session.commit()
+            if state.placement is not None:
+                state.placement.reserved(plan)
+            return member.id
+        return None
 
 
 async def provision(state: CoordinatorState, cluster_id: str) -> None:
