@@ -207,6 +207,6 @@ async def force_available(sessions: Any, node_ids: list[str]) -> None:
             .where(Node.id.in_(node_ids), Node.state.in_(("registering", "verifying")))
             .values(state="available")
         )
-        await session.commit()
-        for node_id in node_ids:  # like every writer, tell the placement index
+        for node_id in node_ids:  # like every writer, tell the placement index (on commit)
             publish_on(session, node_id, ChangeCause.DEVICE_VERDICT)
+        await session.commit()

@@ -73,6 +73,9 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await migrate(engine)
+        # The placement index first (before the first request; then events and resyncs):
+        # its rows are long-lived too, and frozen with the rest below.
+        await placement.load()
         # Everything imported and built so far lives as long as the process: keep it out
         # of the cyclic GC's scans, and collect the young generation less often. Full
         # collections over tens of thousands of long-lived objects otherwise stall the
@@ -82,7 +85,6 @@ def create_app(settings: Settings) -> FastAPI:
             gc.freeze()
             gc.set_threshold(50_000, 20, 100)
         state.started_at = time.time()
-        await placement.load()  # before the first request; then events and resyncs
 
         async def watchdog() -> None:
             await watchdog_step(state)

@@ -15,13 +15,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from loom.protocol.events import ChangeCause, NodeChanged, NodePresence
 
 log = logging.getLogger(__name__)
 
 BUS_KEY = "loom.bus"
+PENDING_KEY = "loom.bus.pending"
 Event = NodeChanged | NodePresence
 Subscriber = Callable[[Event], None]
 
@@ -51,7 +54,26 @@ def bus_of(session: AsyncSession) -> EventBus | None:
 
 
 def publish_on(session: AsyncSession, node_id: str, cause: ChangeCause) -> None:
-    """Publish ``NodeChanged(node_id, cause)`` on the session's bus, if it has one."""
+    """Publish ``NodeChanged(node_id, cause)`` on the session's bus once the session's
+    transaction commits (dropped if it rolls back: nothing changed); no bus, no event.
+
+    After the commit, a subscriber's re-read is sure to see the change."""
     bus = bus_of(session)
-    if bus is not None and node_id:
-        bus.publish(NodeChanged(node_id=node_id, cause=cause))
+    if bus is None or not node_id:
+        return
+    pending = session.info.setdefault(PENDING_KEY, [])
+    pending.append(NodeChanged(node_id=node_id, cause=cause))
+
+
+@event.listens_for(Session, "after_commit")
+def _publish_pending(session: Session) -> None:
+    pending = session.info.pop(PENDING_KEY, None)
+    bus = session.info.get(BUS_KEY)
+    if pending and isinstance(bus, EventBus):
+        for item in dict.fromkeys(pending):  # once per (node, cause), in order
+            bus.publish(item)
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_pending(session: Session) -> None:
+    session.info.pop(PENDING_KEY, None)

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from loom.coordinator.bus import publish_on
 from loom.coordinator.config import Settings
+from loom.coordinator.db.batching import chunks
 from loom.coordinator.db.models import ChallengeEvidence, Device, DeviceChallenge, Node
 from loom.coordinator.services import nodes as node_service
 from loom.core.catalog import get_model, is_known_model
@@ -97,14 +98,15 @@ def needs_verification(node_id: str, devices: Iterable[Device]) -> bool:
 
 
 async def present_devices(session: AsyncSession, node_ids: Sequence[str]) -> list[Device]:
-    if not node_ids:
-        return []
-    rows = await session.execute(
-        select(Device)
-        .where(Device.node_id.in_(list(node_ids)), Device.present.is_(True))
-        .order_by(Device.node_id, Device.kind.desc(), Device.id)  # cpu before gpu
-    )
-    return list(rows.scalars())
+    out: list[Device] = []
+    for chunk in chunks(sorted(set(node_ids))):  # bounded IN-lists (db.batching)
+        rows = await session.execute(
+            select(Device)
+            .where(Device.node_id.in_(chunk), Device.present.is_(True))
+            .order_by(Device.node_id, Device.kind.desc(), Device.id)  # cpu before gpu
+        )
+        out.extend(rows.scalars())
+    return out
 
 
 @dataclass
@@ -125,20 +127,22 @@ async def recent_history(
     session: AsyncSession, device_ids: Sequence[str], now: float
 ) -> dict[str, DeviceHistory]:
     out: dict[str, DeviceHistory] = {}
-    if not device_ids:
-        return out
-    rows = await session.execute(
-        select(
-            DeviceChallenge.device_id,
-            DeviceChallenge.outcome,
-            DeviceChallenge.ended_at,
-            DeviceChallenge.duration_s,
+    found: list[tuple[int, str, str, float, float]] = []
+    for chunk in chunks(sorted(set(device_ids))):  # bounded IN-lists (db.batching)
+        rows = await session.execute(
+            select(
+                DeviceChallenge.id,
+                DeviceChallenge.device_id,
+                DeviceChallenge.outcome,
+                DeviceChallenge.ended_at,
+                DeviceChallenge.duration_s,
+            )
+            .where(DeviceChallenge.device_id.in_(chunk))
+            .where(DeviceChallenge.ended_at >= now - DAY_S)
         )
-        .where(DeviceChallenge.device_id.in_(list(device_ids)))
-        .where(DeviceChallenge.ended_at >= now - DAY_S)
-        .order_by(DeviceChallenge.id)
-    )
-    for device_id, outcome, ended_at, duration_s in rows:
+        found.extend((r[0], r[1], r[2], r[3], r[4]) for r in rows)
+    found.sort()  # challenge order, as one query ordered by id gave it
+    for _id, device_id, outcome, ended_at, duration_s in found:
         h = out.setdefault(device_id, DeviceHistory())
         h.last_outcome, h.last_ended_at = outcome, ended_at
         if outcome == "error":
