@@ -11,11 +11,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from loom.client.sdk import LoomClient
+from loom.client.sdk import LoomAPIError, LoomClient
 from loom.coordinator.config import Settings
 from support.servers import AgentProcess, CoordinatorThread, wait_for
 
@@ -66,6 +67,12 @@ def test_worker_logs_supplier_events_and_reads_drained_after_sigterm(
         status = worker_status(home)
         assert status["state"] == "allocated" or status["clusters"], status
         assert status["clusters"] == [{"id": first.id, "role": "head"}]
+        # Billed (and so earned) only once the coordinator's probe confirmed the head.
+        wait_for(
+            lambda: all(m.confirmed for m in client.cluster("one").members), 60, "confirmed", 0.5
+        )
+        # Time counts between two confirmations (every ~10 s): let a second one come.
+        time.sleep(12)
         client.delete_cluster("one")
         wait_for(lambda: f"released: cluster {first.id}" in agent.log(), 60, "released")
         wait_for(lambda: "earnings settled: +" in agent.log(), 60, "earnings settled", 0.5)
@@ -92,5 +99,33 @@ def test_worker_logs_supplier_events_and_reads_drained_after_sigterm(
         )
         assert text.returncode == 0 and "box-1" in text.stdout and ": drained" in text.stdout
         assert "offline" not in text.stdout
+        # The user's view says drained too: the node, and why the cluster lost its member.
+        node = next(n for n in client.nodes() if n.name == "box-1")
+        wait_for(lambda: client.node(node.id).state == "drained", 30, "node drained")
+        gone = client.wait_cluster("two", timeout=60)
+        assert gone.state == "failed" and "drained" in (gone.reason or ""), gone.reason
+        assert "offline" not in (gone.reason or "")
+
+        # Its owner removes it: never listed by default again, its key refused.
+        supplier_env = dict(os.environ, LOOM_HOME=str(home), LOOM_COORDINATOR=coordinator.url)
+        with pytest.raises(LoomAPIError, match="only its owner"):
+            client.remove_node(node.id)  # the user's key does not own it
+        out = subprocess.run(
+            [sys.executable, "-m", "loom", "node", "remove", node.id, "--json"],
+            env=supplier_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["state"] == "removed"
+        assert all(n.id != node.id for n in client.nodes())
+        assert [n.id for n in client.nodes(state="removed")] == [node.id]
+        again = AgentProcess(home, coordinator.url, "box-1", "--region", "eu-west")
+        try:
+            assert again.wait(60) != 0
+            assert "removed by its owner" in again.log(), again.log()[-2000:]
+        finally:
+            again.ensure_dead()
     finally:
         agent.ensure_dead()

@@ -156,6 +156,10 @@ class LoomClient:
     def node(self, node_id: str) -> NodeOut:
         return self._get(f"/v1/nodes/{node_id}", NodeOut)
 
+    def remove_node(self, node_id: str) -> NodeOut:
+        """Remove a node this key owns (its agent must be stopped); it is never placed again."""
+        return _parse(NodeOut, self.request("DELETE", f"/v1/nodes/{node_id}").json())
+
     # -- clusters ---------------------------------------------------------------------------
 
     def create_cluster(self, spec: dict[str, Any]) -> ClusterOut:

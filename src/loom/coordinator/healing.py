@@ -22,12 +22,12 @@ from typing import Any, cast
 from sqlalchemy import Table, select, update
 
 from loom.coordinator import provisioner
-from loom.coordinator.db.models import Cluster, Member
+from loom.coordinator.db.models import Cluster, Member, Node
 from loom.coordinator.hub import AgentNotConnected, CommandFailed
 from loom.coordinator.loops.isolation import isolated
 from loom.coordinator.services import clusters as cluster_service
 from loom.coordinator.state import CoordinatorState
-from loom.core.models import ClusterState, MemberState
+from loom.core.models import ClusterState, MemberState, NodeState
 from loom.protocol.messages import Report
 
 log = logging.getLogger(__name__)
@@ -124,14 +124,17 @@ async def on_report_member_lost(state: CoordinatorState, node_id: str, report: R
 
 async def on_node_offline(state: CoordinatorState, node_id: str) -> None:
     async with state.session() as session:
+        node = await session.get(Node, node_id)
+        drained = node is not None and node.state == NodeState.DRAINED.value
         rows = await session.execute(
             select(Member.id).where(
                 Member.node_id == node_id, Member.state.in_(cluster_service.LIVE_MEMBER)
             )
         )
         member_ids = list(rows.scalars())
+    why = "was drained (its supplier stopped the agent)" if drained else "went offline"
     for member_id in member_ids:
-        await member_lost(state, member_id, f"node {node_id} went offline")
+        await member_lost(state, member_id, f"node {node_id} {why}")
 
 
 async def on_node_connected(state: CoordinatorState, node_id: str) -> None:

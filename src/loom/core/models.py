@@ -21,6 +21,8 @@ class NodeState(str, Enum):
     AVAILABLE = "available"
     ALLOCATED = "allocated"
     OFFLINE = "offline"
+    DRAINED = "drained"  # its supplier stopped the agent (SIGTERM): gone, on purpose
+    REMOVED = "removed"  # its owner removed it; its node key may not come back
     BANNED = "banned"
 
 

@@ -21,7 +21,8 @@ TONE = {
     "available": "ok", "verified": "ok", "running": "ok", "ready": "ok", "passed": "ok",
     "allocated": "info", "provisioning": "info", "starting": "info", "assigned": "info",
     "requested": "info", "verifying": "warn", "claimed": "warn", "healing": "warn",
-    "terminating": "warn", "registering": "warn", "interrupted": "warn",
+    "terminating": "warn", "registering": "warn", "interrupted": "warn", "drained": "warn",
+    "removed": "bad",
     "offline": "bad", "failed": "bad", "banned": "bad", "lost": "bad", "error": "bad",
 }  # fmt: skip
 

@@ -140,6 +140,8 @@ STATE_STYLE = {
     "verifying": "yellow",
     "registering": "yellow",
     "offline": "dim",
+    "drained": "dim",
+    "removed": "dim",
     "banned": "bold red",
     "running": "green",
     "healing": "yellow",

@@ -15,6 +15,8 @@ from loom.protocol.api import NodeOut
 
 NODE_STATES = tuple(s.value for s in NodeState)
 
+node_app = typer.Typer(help="One node you own.", no_args_is_help=True)
+
 
 def nodes(
     ctx: typer.Context,
@@ -66,3 +68,22 @@ def nodes_table(rows: list[NodeOut]) -> Table:
             node.owner[:8] + "…",
         )
     return table
+
+
+@node_app.command("remove")
+def remove(
+    ctx: typer.Context,
+    node_id: Annotated[str, typer.Argument(help="the node's id (see `loom nodes --mine`)")],
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Remove a node you own from the network (stop its agent first).
+
+    The node is never placed again and its node key is refused from then on; its
+    earnings and history stay on record.
+    """
+    with client_for(ctx) as client:
+        row = client.remove_node(node_id)
+    if json_out:
+        print_json(row)
+        return
+    console.print(f"removed node {row.id} ({row.name}); it will not be placed again")

@@ -150,6 +150,13 @@ async def _handshake(state: CoordinatorState, ws: WebSocket) -> AgentConnection:
         if node.state == NodeState.BANNED.value:
             await session.rollback()
             raise _Refuse(CLOSE_BANNED, "this node is banned (failed hardware verification)")
+        if node.state == NodeState.REMOVED.value:
+            await session.rollback()
+            raise _Refuse(
+                CLOSE_BANNED,
+                "this node was removed by its owner; to add the machine again, start the "
+                "agent with a new LOOM_HOME (a new node key)",
+            )
         await session.commit()
     conn = await state.hub.attach(reg.node_id, ws, now)
     state.hub.heartbeats.record(reg.node_id, now, "{}")
@@ -201,13 +208,18 @@ async def _serve(state: CoordinatorState, ws: WebSocket, conn: AgentConnection) 
 
 
 async def _drain(state: CoordinatorState, conn: AgentConnection, reason: str) -> None:
+    """A supplier stopped its agent on purpose: the node is ``drained``, not ``offline``.
+
+    The state is written before the offline hooks run, so healing words the members'
+    loss as a drain (``healing.on_node_offline`` reads it).
+    """
     now = time.time()
-    await state.hub.run_hooks(state.hub.on_offline, conn.node_id)
     async with state.session() as session:
         node = await node_service.get_node(session, conn.node_id)
         if node.state != NodeState.BANNED.value:
             node_service.transition(
-                session, node, NodeState.OFFLINE, f"drained: {reason or 'agent stopped'}", now
+                session, node, NodeState.DRAINED, f"drained: {reason or 'agent stopped'}", now
             )
         node.connected_since = None
         await session.commit()
+    await state.hub.run_hooks(state.hub.on_offline, conn.node_id)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Query
 from sqlalchemy import func, select
 
-from loom.coordinator.api.deps import CallerDep, SessionDep
+from loom.coordinator.api.deps import CallerDep, SessionDep, StateDep
 from loom.coordinator.bus import publish_on
 from loom.coordinator.db.models import Node
-from loom.coordinator.errors import BadRequest, Forbidden
+from loom.coordinator.errors import BadRequest, Conflict, Forbidden
 from loom.coordinator.services import auth as auth_service
 from loom.coordinator.services import nodes as node_service
 from loom.core.models import NodeState
@@ -70,6 +72,40 @@ async def update_node(
         )
     node_service.apply_update(node, body)
     publish_on(session, node.id, ChangeCause.PRICE)
+    await session.commit()
+    devices = await node_service.devices_by_node(session, [node.id])
+    return node_service.node_out(node, devices.get(node.id, []))
+
+
+@router.delete("/nodes/{node_id}", response_model=NodeOut)
+async def remove_node(
+    node_id: str, session: SessionDep, caller: CallerDep, state: StateDep
+) -> NodeOut:
+    """Remove a node from the network (its owner only; its agent must be stopped first).
+
+    The row stays on record (earnings, challenges, the ledger refer to it) in the
+    terminal state ``removed``: never listed by default, never placed, and its node key
+    is refused at the handshake. A banned node cannot be removed (its record stays).
+    """
+    node = await node_service.get_node(session, node_id)
+    if node.owner_key != caller:
+        raise Forbidden(
+            "not_owner", f"node {node_id} belongs to another key; only its owner may remove it"
+        )
+    if node.state == NodeState.BANNED.value:
+        raise Conflict("node_banned", f"node {node_id} is banned; its record stays")
+    if node.state == NodeState.REMOVED.value:
+        raise Conflict("node_removed", f"node {node_id} is already removed")
+    if state.hub.is_connected(node.id) or node.state not in (
+        NodeState.OFFLINE.value,
+        NodeState.DRAINED.value,
+    ):
+        raise Conflict(
+            "node_connected",
+            f"node {node_id} is {node.state}: stop its agent first (Ctrl-C or SIGTERM on "
+            "`loom worker start`), then remove it",
+        )
+    node_service.transition(session, node, NodeState.REMOVED, "removed by its owner", time.time())
     await session.commit()
     devices = await node_service.devices_by_node(session, [node.id])
     return node_service.node_out(node, devices.get(node.id, []))

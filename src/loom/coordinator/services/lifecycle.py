@@ -23,10 +23,15 @@ async def activate_on_connect(state: CoordinatorState, node_id: str) -> None:
     async with state.session() as session:
         node = await node_service.get_node(session, node_id)
         current = NodeState(node.state)
-        if current in (NodeState.REGISTERING, NodeState.OFFLINE, NodeState.VERIFYING):
+        if current in (
+            NodeState.REGISTERING,
+            NodeState.OFFLINE,
+            NodeState.DRAINED,
+            NodeState.VERIFYING,
+        ):
             devices = await verification_service.present_devices(session, [node_id])
             gone_long = (
-                current == NodeState.OFFLINE
+                current in (NodeState.OFFLINE, NodeState.DRAINED)
                 and now - node.state_changed_at > config.reverify_after_offline_s
             )
             if gone_long:

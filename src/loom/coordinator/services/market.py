@@ -27,7 +27,12 @@ from loom.protocol.events import ChangeCause
 
 PLACEABLE = (NodeState.AVAILABLE.value, NodeState.ALLOCATED.value)
 #: Nodes whose price counts for the network median (`--price auto`).
-PRICED = (NodeState.VERIFYING.value, *PLACEABLE, NodeState.OFFLINE.value)
+PRICED = (
+    NodeState.VERIFYING.value,
+    *PLACEABLE,
+    NodeState.OFFLINE.value,
+    NodeState.DRAINED.value,
+)
 DEFAULT_RELIABILITY = 0.5
 MAX_OFFERS = 1000
 

@@ -26,16 +26,48 @@ from loom.protocol.messages import Inventory
 
 # The transitions the coordinator allows (DESIGN.md §4). `banned` is terminal.
 _ALLOWED: dict[NodeState, set[NodeState]] = {
-    NodeState.REGISTERING: {NodeState.VERIFYING, NodeState.AVAILABLE, NodeState.OFFLINE},
-    NodeState.VERIFYING: {NodeState.AVAILABLE, NodeState.OFFLINE, NodeState.BANNED},
+    NodeState.REGISTERING: {
+        NodeState.VERIFYING,
+        NodeState.AVAILABLE,
+        NodeState.OFFLINE,
+        NodeState.DRAINED,
+    },
+    NodeState.VERIFYING: {
+        NodeState.AVAILABLE,
+        NodeState.OFFLINE,
+        NodeState.DRAINED,
+        NodeState.BANNED,
+    },
     NodeState.AVAILABLE: {
         NodeState.ALLOCATED,
         NodeState.VERIFYING,
         NodeState.OFFLINE,
+        NodeState.DRAINED,
         NodeState.BANNED,
     },
-    NodeState.ALLOCATED: {NodeState.AVAILABLE, NodeState.OFFLINE, NodeState.BANNED},
-    NodeState.OFFLINE: {NodeState.VERIFYING, NodeState.AVAILABLE, NodeState.BANNED},
+    NodeState.ALLOCATED: {
+        NodeState.AVAILABLE,
+        NodeState.OFFLINE,
+        NodeState.DRAINED,
+        NodeState.BANNED,
+    },
+    NodeState.OFFLINE: {
+        NodeState.VERIFYING,
+        NodeState.AVAILABLE,
+        NodeState.REMOVED,
+        NodeState.BANNED,
+    },
+    # A drained node comes back like an offline one; a late watchdog verdict may still
+    # record it as offline (it is gone either way).
+    NodeState.DRAINED: {
+        NodeState.VERIFYING,
+        NodeState.AVAILABLE,
+        NodeState.OFFLINE,
+        NodeState.REMOVED,
+        NodeState.BANNED,
+    },
+    # Removed by its owner: kept on record (earnings, challenges) but never placed again.
+    NodeState.REMOVED: set(),
     NodeState.BANNED: set(),
 }
 
@@ -206,6 +238,8 @@ async def list_nodes(
     session: AsyncSession, *, owner: str | None = None, state: str | None = None
 ) -> list[NodeOut]:
     query = select(Node).order_by(Node.registered_at, Node.id)
+    if state != NodeState.REMOVED.value:
+        query = query.where(Node.state != NodeState.REMOVED.value)
     if owner:
         query = query.where(Node.owner_key == owner)
     if state:
