@@ -40,7 +40,12 @@ def test_honest_cpu_verifies_and_a_declared_gpu_it_does_not_have_fails(
     inventory.write_text("- kind: gpu\n  model: rtx4090\n  vram_gb: 24\n")
     agent = AgentProcess(tmp_path / "a", coordinator.url, "honest", "--inventory", str(inventory))
     try:
-        first = wait_for(lambda: _node(client, "honest"), 20, "the agent to register")
+        # `registering` lasts from the handshake's commit until the connect hooks ran.
+        first = wait_for(
+            lambda: (n := _node(client, "honest")) is not None and n.state != "registering" and n,
+            20,
+            "the agent to register",
+        )
         assert first.state in ("verifying", "available")
 
         def settled() -> NodeOut | None:
