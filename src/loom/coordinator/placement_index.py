@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 PAGE = 2000  # nodes per page when loading
 RESYNC_S = 60.0
 REFRESH_S = 0.25  # background re-read of dirty nodes
+REFRESH_CHUNK = 200  # nodes per re-read query (bounded; keeps each refresh step short)
 SCORE_RESYNC_S = 600.0
 SETTLE_S = 2.0
 DEFAULT_RELIABILITY = 0.5
@@ -280,6 +281,9 @@ class PlacementIndex:
         #: Allocation changes are not urgent: this process applies its own reservations to
         #: memory at once (:meth:`reserved`), and a stale free unit costs only a retry.
         self._urgent: set[str] = set()
+        #: Bumped when this process changes a node in memory (:meth:`reserved`): a re-read
+        #: that started before cannot overwrite it with the older row.
+        self._local: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self.loaded = False
         self.loaded_at = 0.0
@@ -317,10 +321,15 @@ class PlacementIndex:
     # -- loading
     async def load(self) -> None:
         """Everything, page by page; then the scores. Replaces what memory holds."""
+        versions = dict(self._local)
+        fresh = await self._read_all()  # outside the lock: refreshes go on meanwhile
         async with self._lock:
-            fresh = await self._read_all()
+            for node_id, version in self._local.items():
+                if versions.get(node_id, 0) != version:  # changed here during the read
+                    fresh.pop(node_id, None)
+                    self._dirty[node_id] = (time.monotonic(), False)
             seen = set(fresh)
-            for node_id in [n for n in self.nodes if n not in seen]:
+            for node_id in [n for n in self.nodes if n not in seen and n not in self._dirty]:
                 self._forget(node_id)
             changed = [row for row in fresh.values() if self.nodes.get(row.id) != row]
             now = time.time()
@@ -374,40 +383,48 @@ class PlacementIndex:
         """
         if not self._dirty and not self._urgent:
             return
-        async with self._lock:  # also waits for a read in flight (urgent nodes)
-            now = time.monotonic()
-            ids: list[str] = []
-            seen: dict[str, float] = {}  # the event each read answers
-            for node_id, (marked, read) in list(self._dirty.items()):
-                if not read:
-                    self._dirty[node_id] = (marked, True)
-                elif now - marked >= self.settle_s:
-                    del self._dirty[node_id]
-                else:
-                    continue
-                ids.append(node_id)
-                seen[node_id] = marked
-            for chunk in chunks(sorted(ids)):
-                async with self.sessions() as session:
-                    rows = await _load_nodes(session, chunk)
-                    got = await node_scores(
-                        session,
-                        chunk,
-                        now=time.time(),
-                        heartbeat_interval_s=self.heartbeat_interval_s,
-                    )
-                for node_id in chunk:
-                    row = rows.get(node_id)
-                    if row is None:
-                        self._forget(node_id)
-                        continue
-                    self.scores[node_id] = got.get(node_id, DEFAULT_RELIABILITY)
-                    self._store(row)
-                for node_id in chunk:  # urgent until a read started after its last event
-                    entry = self._dirty.get(node_id)
-                    if entry is None or entry[0] == seen[node_id]:
-                        self._urgent.discard(node_id)
-                self.refreshed_nodes += len(chunk)
+        now = time.monotonic()
+        ids: list[str] = []
+        seen: dict[str, float] = {}  # the event each read answers
+        for node_id, (marked, read) in list(self._dirty.items()):
+            if not read or node_id in self._urgent:
+                self._dirty[node_id] = (marked, True)
+            elif now - marked >= self.settle_s:
+                del self._dirty[node_id]
+            else:
+                continue
+            ids.append(node_id)
+            seen[node_id] = marked
+        for node_id in self._urgent - seen.keys():  # its read is in flight elsewhere: again
+            ids.append(node_id)
+            seen[node_id] = -1.0
+        ids.sort(key=lambda n: (n not in self._urgent, n))  # urgent ones first
+        for chunk in chunks(ids, REFRESH_CHUNK):
+            async with self._lock:  # a chunk at a time: an urgent caller gets in between
+                await self._reread(chunk, seen)
+
+    async def _reread(self, chunk: list[str], seen: dict[str, float]) -> None:
+        versions = {n: self._local.get(n, 0) for n in chunk}
+        async with self.sessions() as session:
+            rows = await _load_nodes(session, chunk)
+            got = await node_scores(
+                session, chunk, now=time.time(), heartbeat_interval_s=self.heartbeat_interval_s
+            )
+        for node_id in chunk:
+            row = rows.get(node_id)
+            if self._local.get(node_id, 0) != versions[node_id]:
+                self._dirty[node_id] = (time.monotonic(), False)  # changed here meanwhile
+                continue
+            if row is None:
+                self._forget(node_id)
+                continue
+            self.scores[node_id] = got.get(node_id, DEFAULT_RELIABILITY)
+            self._store(row)
+        for node_id in chunk:  # urgent until a read started after its last event
+            entry = self._dirty.get(node_id)
+            if entry is None or entry[0] == seen[node_id]:
+                self._urgent.discard(node_id)
+        self.refreshed_nodes += len(chunk)
 
     def reserved(self, plan: PlacementPlan) -> None:
         """This process committed ``plan``'s reservation: take its units in memory now."""
@@ -417,6 +434,7 @@ class PlacementIndex:
                 continue
             units = member.units if member.model == CPU_MODEL else 1
             taken = set(member.device_ids)
+            self._local[member.node_id] = self._local.get(member.node_id, 0) + 1
             devices = tuple(
                 replace(d, allocated_units=d.allocated_units + units) if d.id in taken else d
                 for d in row.devices
