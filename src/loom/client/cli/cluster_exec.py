@@ -2,7 +2,8 @@
 
 It goes through the head's Jobs API (over the coordinator's tunnel, like `loom job`): a
 small driver runs CMD as a Ray task pinned to the chosen Ray node (hard node affinity),
-prints its output and exits with its exit status; the job's logs are streamed here.
+streams its output line by line (stdout and stderr merged, as in a job's log) and exits
+with its exit status; the job's logs are streamed here as they come.
 """
 
 from __future__ import annotations
@@ -38,16 +39,25 @@ else:
     node = found[0]
 @ray.remote(num_cpus=0)
 def run(cmd):
+    # A streaming generator: each line reaches the driver (and so the job log) as it comes.
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    except FileNotFoundError as exc:
-        return 127, "", f"{exc}\\n"
-    return p.returncode, p.stdout, p.stderr
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except (FileNotFoundError, PermissionError) as exc:
+        yield ("line", f"{exc}\\n")
+        yield ("exit", 127)
+        return
+    for line in p.stdout:
+        yield ("line", line)
+    yield ("exit", p.wait())
 strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-code, out, err = ray.get(run.options(scheduling_strategy=strategy).remote(cmd))
-sys.stdout.write(out)
-sys.stdout.flush()
-sys.stderr.write(err)
+code = 1
+for ref in run.options(scheduling_strategy=strategy).remote(cmd):
+    kind, value = ray.get(ref)
+    if kind == "line":
+        sys.stdout.write(value)
+        sys.stdout.flush()
+    else:
+        code = value
 sys.exit(code)
 """
 
@@ -60,7 +70,7 @@ def exec_command(
         str, typer.Option(help="member: 1 is the head, 2.. the workers, or a Ray node id prefix")
     ] = "1",
 ) -> None:
-    """Run COMMAND (after --) on one member as a Ray task pinned to that node; prints its
+    """Run COMMAND (after --) on one member as a Ray task pinned to that node; streams its
     output; exits 0 only if the command succeeded."""
     if not command:
         fail("give the command to run after --, e.g. `-- hostname`", field="command")
