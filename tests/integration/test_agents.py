@@ -111,7 +111,8 @@ def test_sigterm_drains_cleanly(
         agent.kill(signal.SIGTERM)
         assert agent.wait(15) == 0
         node = _node(client, "gamma")
-        assert node is not None and node.state == "offline"  # type: ignore[attr-defined]
+        # Drained on purpose, not lost: `drained`, never `offline`.
+        assert node is not None and node.state == "drained"  # type: ignore[attr-defined]
     finally:
         agent.ensure_dead()
 
