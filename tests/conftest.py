@@ -11,6 +11,7 @@ from loom.client.sdk import LoomClient
 from loom.coordinator.config import Settings
 from loom.protocol.identity import KeyPair
 from support.db import isolated_db
+from support.fakeagent import FakeAgents
 from support.servers import CoordinatorThread, free_port
 
 
@@ -63,3 +64,13 @@ def user_key() -> KeyPair:
 def client(coordinator: CoordinatorThread, user_key: KeyPair) -> Iterator[LoomClient]:
     with LoomClient(coordinator.url, user_key) as c:
         yield c
+
+
+@pytest.fixture
+def fakes(coordinator: CoordinatorThread) -> Iterator[FakeAgents]:
+    """Fake agents (real WebSockets, no Ray) attached to the test's coordinator."""
+    agents = FakeAgents(coordinator.url)
+    try:
+        yield agents
+    finally:
+        agents.close()

@@ -11,7 +11,6 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,6 @@ from loom.client.cli.runner import run
 from loom.entry import full_app
 from support.fakeagent import FakeAgents, force_available
 from support.servers import CoordinatorThread
-
-
-@pytest.fixture
-def fakes(coordinator: CoordinatorThread) -> Iterator[FakeAgents]:
-    agents = FakeAgents(coordinator.url)
-    try:
-        yield agents
-    finally:
-        agents.close()
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

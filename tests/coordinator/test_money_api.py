@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -19,15 +18,6 @@ from loom.protocol.identity import KeyPair
 from support.fakeagent import FakeAgents, force_available
 from support.servers import CoordinatorThread, free_port, wait_for
 from support.vouch import vouch
-
-
-@pytest.fixture
-def fakes(coordinator: CoordinatorThread) -> Iterator[FakeAgents]:
-    agents = FakeAgents(coordinator.url)
-    try:
-        yield agents
-    finally:
-        agents.close()
 
 
 def _ready(coordinator: CoordinatorThread, fakes: FakeAgents) -> None:

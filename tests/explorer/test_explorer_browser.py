@@ -127,15 +127,6 @@ def test_pages_render_their_data_on_the_server_and_docs_are_offline(
 
 
 @pytest.fixture
-def fakes(coordinator: CoordinatorThread) -> Iterator[FakeAgents]:
-    agents = FakeAgents(coordinator.url)
-    try:
-        yield agents
-    finally:
-        agents.close()
-
-
-@pytest.fixture
 def real_agents(
     coordinator: CoordinatorThread, tmp_path: Path
 ) -> Iterator[dict[str, tuple[AgentProcess, int]]]:

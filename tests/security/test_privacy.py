@@ -12,11 +12,9 @@ The owner still sees their own money through signed routes.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from sqlalchemy import text
 
 import loom.explorer
@@ -36,15 +34,6 @@ NAME = "plantedname7f3a"
 MEMO = "plantedmemo9c1e"
 ENV = "plantedenv4b2d"
 STATIC = Path(loom.explorer.__file__).parent / "static"
-
-
-@pytest.fixture
-def fakes(coordinator: CoordinatorThread) -> Iterator[FakeAgents]:
-    agents = FakeAgents(coordinator.url)
-    try:
-        yield agents
-    finally:
-        agents.close()
 
 
 #: Pages outside the OpenAPI schema (server-rendered explorer, metrics, assets).
