@@ -67,7 +67,7 @@ async def test_0006_repairs_legacy_rows_and_enforces_one_live_name(db_url: str) 
                         "at": i,
                     },
                 )
-        await migrate(engine)
+        await migrate(engine, "0007")  # the inserts below name 0007's columns
         async with engine.begin() as conn:
             accounts = set((await conn.execute(text("SELECT key FROM accounts"))).scalars())
             assert accounts == {key, "cd" * 32, "ef" * 32}
@@ -101,5 +101,74 @@ async def test_0006_repairs_legacy_rows_and_enforces_one_live_name(db_url: str) 
             await conn.execute(
                 insert, {"id": "c-x4", "name": "dup", "owner": key, "state": "running"}
             )
+    finally:
+        await engine.dispose()
+
+
+async def test_0008_moves_lease_until_to_lock_columns_and_back(db_url: str) -> None:
+    """0008 replaces ``clusters.lease_until`` by the lease columns (an old lease keeps its
+    expiry), adds them to devices, creates the role and audit tables; down restores it."""
+    key = "ab" * 32
+    engine = create_engine(db_url)
+    try:
+        await migrate(engine, "0007")
+        async with engine.begin() as conn:
+            for i, lease in enumerate((0.0, 1234.5)):
+                await conn.execute(
+                    text(
+                        "INSERT INTO clusters (id, name, owner_key, state, reason, spec_json, "
+                        "ray_token, head_address, dashboard_url, client_address, hourly_micro, "
+                        "created_at, expires_at, state_changed_at, lease_until, timings_json) "
+                        "VALUES (:id, :name, :owner, 'running', '', '{}', 't', '', '', '', 0, "
+                        "0, 0, 0, :lease, '{}')"
+                    ),
+                    {"id": f"c-{i}", "name": f"n{i}", "owner": key, "lease": lease},
+                )
+        await migrate(engine)
+        async with engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    text("SELECT id, lock_owner, lock_expires_at FROM clusters ORDER BY id")
+                )
+            ).all()
+            assert [tuple(r) for r in rows] == [("c-0", None, None), ("c-1", "pre-0008", 1234.5)]
+            tables = await conn.run_sync(_tables)
+            assert {"leases", "lease_audit"} <= tables
+            columns = await conn.run_sync(
+                lambda c: {col["name"] for col in inspect(c).get_columns("devices")}
+            )
+            assert {"lock_owner", "lock_token", "lock_expires_at"} <= columns
+            await conn.execute(text("UPDATE clusters SET lock_expires_at = 99.0 WHERE id = 'c-0'"))
+        with pytest.raises(IntegrityError):  # 0006's live-name index survived the rebuild
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text(
+                        "INSERT INTO clusters (id, name, owner_key, state, reason, spec_json, "
+                        "ray_token, head_address, dashboard_url, client_address, hourly_micro, "
+                        "created_at, expires_at, state_changed_at, timings_json) VALUES "
+                        "('c-9', 'n0', :owner, 'running', '', '{}', 't', '', '', '', 0, 0, 0, "
+                        "0, '{}')"
+                    ),
+                    {"owner": key},
+                )
+        await downgrade(engine, "0007")
+        async with engine.begin() as conn:
+            rows = (
+                await conn.execute(text("SELECT id, lease_until FROM clusters ORDER BY id"))
+            ).all()
+            assert [tuple(r) for r in rows] == [("c-0", 99.0), ("c-1", 1234.5)]
+            assert not {"leases", "lease_audit"} & await conn.run_sync(_tables)
+        with pytest.raises(IntegrityError):
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text(
+                        "INSERT INTO clusters (id, name, owner_key, state, reason, spec_json, "
+                        "ray_token, head_address, dashboard_url, client_address, hourly_micro, "
+                        "created_at, expires_at, state_changed_at, lease_until, timings_json) "
+                        "VALUES ('c-9', 'n1', :owner, 'running', '', '{}', 't', '', '', '', 0, "
+                        "0, 0, 0, 0, '{}')"
+                    ),
+                    {"owner": key},
+                )
     finally:
         await engine.dispose()

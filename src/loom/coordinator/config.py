@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
 def default_db_url(home: Path) -> str:
     return f"sqlite:///{home / 'coordinator.db'}"
+
+
+def default_replica_id() -> str:
+    """`<hostname>-<pid>`: unique among live replicas, new after every restart."""
+    return f"{socket.gethostname()[:100]}-{os.getpid()}"
 
 
 @dataclass
@@ -50,3 +57,5 @@ class Settings:
     fee_bps: int = 500
     #: Warn in a cluster's status when its escrow pays for less than this.
     escrow_warn_s: float = 900.0
+    #: This replica's name: the owner written on the leases it holds (loom.coordinator.leases).
+    replica_id: str = field(default_factory=default_replica_id)

@@ -19,9 +19,9 @@ import logging
 import time
 from typing import Any, cast
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, select
 
-from loom.coordinator import provisioner
+from loom.coordinator import leases, provisioner
 from loom.coordinator.db.models import Cluster, Member, Node
 from loom.coordinator.hub import AgentNotConnected, CommandFailed
 from loom.coordinator.loops.isolation import isolated
@@ -158,13 +158,11 @@ async def on_node_connected(state: CoordinatorState, node_id: str) -> None:
 async def _take_lease(state: CoordinatorState, cluster_id: str, now: float) -> bool:
     table = cast(Table, Cluster.__table__)
     async with state.session() as session:
-        result = await session.execute(
-            update(table)
-            .where(table.c.id == cluster_id, table.c.lease_until < now)
-            .values(lease_until=now + LEASE_S)
+        lease = await leases.claim_one(
+            session, table, cluster_id, owner=state.settings.replica_id, now=now, ttl_s=LEASE_S
         )
         await session.commit()
-        return getattr(result, "rowcount", 0) == 1
+        return lease is not None
 
 
 async def reconcile_step(state: CoordinatorState, now: float | None = None) -> dict[str, Any]:
@@ -172,11 +170,11 @@ async def reconcile_step(state: CoordinatorState, now: float | None = None) -> d
     acted: dict[str, list[str]] = {"expired": [], "resumed": [], "healing": []}
     async with state.session() as session:
         rows = await session.execute(
-            select(Cluster.id, Cluster.state, Cluster.expires_at, Cluster.lease_until).where(
+            select(Cluster.id, Cluster.state, Cluster.expires_at, Cluster.lock_expires_at).where(
                 Cluster.state.in_(cluster_service.ACTIVE)
             )
         )
-        clusters = [(str(r[0]), str(r[1]), float(r[2]), float(r[3])) for r in rows]
+        clusters = [(str(r[0]), str(r[1]), float(r[2]), float(r[3] or 0.0)) for r in rows]
     for cluster_id, cstate, expires_at, lease_until in clusters:
         if cluster_id in state.driving:
             continue

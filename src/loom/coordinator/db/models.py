@@ -86,6 +86,10 @@ class Device(Base):
     #: Units the hardware challenge measured (a CPU: cores of parallel throughput); what
     #: is offered is at most this, whatever ``count`` claims. None: not measured yet.
     verified_units: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: The challenger's lease on this device (loom.coordinator.leases; migration 0008).
+    lock_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lock_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lock_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     __table_args__ = (Index("ix_devices_model_state", "model", "state"),)
 
@@ -122,8 +126,11 @@ class Cluster(Base):
     expires_at: Mapped[float] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     state_changed_at: Mapped[float] = mapped_column(Float)
-    lease_until: Mapped[float] = mapped_column(Float, default=0.0)
     timings_json: Mapped[str] = mapped_column(Text, default="{}")
+    #: The reconciler's lease on this cluster (loom.coordinator.leases; migration 0008).
+    lock_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lock_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lock_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Member(Base):
@@ -340,3 +347,35 @@ class UtilizationSample(Base):
     cpu_total: Mapped[int] = mapped_column(Integer, default=0)
     cpu_allocated: Mapped[int] = mapped_column(Integer, default=0)
     heartbeats_per_s: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+# --------------------------------------------------------------------------- leases
+# (issue 11; migration 0008). Which replica does which work (loom.coordinator.leases).
+
+
+class RoleLease(Base):
+    """A named role one replica holds at a time (the settler, the ledger sequencer...)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), default="")
+    token: Mapped[str] = mapped_column(String(64), default="")
+    expires_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class LeaseAudit(Base):
+    """One action applied under a lease, written in the apply's own transaction."""
+
+    __tablename__ = "lease_audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    item_id: Mapped[str] = mapped_column(String(128))
+    owner: Mapped[str] = mapped_column(String(128))
+    token: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    at: Mapped[float] = mapped_column(Float, index=True)
+
+    __table_args__ = (Index("ix_lease_audit_item", "kind", "item_id"),)
+

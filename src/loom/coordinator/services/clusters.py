@@ -213,7 +213,6 @@ async def _reserve_plan(
         created_at=now,
         expires_at=now + spec.duration,
         state_changed_at=now,
-        lease_until=0.0,
         timings_json="{}",
     )
     session.add(cluster)

@@ -1,0 +1,229 @@
+"""Leased work items (loom.coordinator.leases) on a real database, two "replicas" racing.
+
+Each replica has its own engine (its own connection pool, as two processes would) on the
+same database. Steps take `now`; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import cast
+
+import pytest
+from sqlalchemy import Table, select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from loom.coordinator import leases
+from loom.coordinator.db.engine import create_engine, migrate, session_factory
+from loom.coordinator.db.models import Cluster, LeaseAudit
+
+T0 = 1_800_000_000.0
+CLUSTERS = cast(Table, Cluster.__table__)
+
+
+@pytest.fixture
+async def engines(db_url: str) -> AsyncIterator[tuple[AsyncEngine, AsyncEngine]]:
+    a, b = create_engine(db_url), create_engine(db_url)
+    await migrate(a)
+    try:
+        yield a, b
+    finally:
+        await a.dispose()
+        await b.dispose()
+
+
+def _cluster(i: int, state: str = "requested") -> Cluster:
+    return Cluster(
+        id=f"c-{i:04d}",
+        name=f"n{i}",
+        owner_key="ab" * 32,
+        state=state,
+        reason="",
+        spec_json="{}",
+        ray_token="t",
+        head_address="",
+        dashboard_url="",
+        client_address="",
+        hourly_micro=0,
+        created_at=T0,
+        expires_at=T0 + 3600,
+        state_changed_at=T0,
+        timings_json="{}",
+    )
+
+
+async def _seed(sessions: async_sessionmaker[AsyncSession], n: int) -> None:
+    async with sessions() as s:
+        s.add_all(_cluster(i) for i in range(n))
+        await s.commit()
+
+
+async def _audit(sessions: async_sessionmaker[AsyncSession]) -> list[tuple[str, str, str]]:
+    async with sessions() as s:
+        rows = await s.execute(select(LeaseAudit.item_id, LeaseAudit.action, LeaseAudit.owner))
+        return [(str(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+
+async def _replica_step(
+    sessions: async_sessionmaker[AsyncSession], owner: str, now: float, *, batch: int
+) -> int:
+    """Claim due `requested` clusters, move each to `provisioning` under its lease."""
+    async with sessions() as s:
+        held = await leases.claim(
+            s,
+            CLUSTERS,
+            owner=owner,
+            now=now,
+            ttl_s=30,
+            where=CLUSTERS.c.state == "requested",
+            limit=batch,
+        )
+        await s.commit()
+    for lease in held:
+        await asyncio.sleep(0)  # let the other replica interleave
+        async with sessions() as s:
+            ok = await leases.guard(
+                s, CLUSTERS, lease, action="provision", now=now, values={"state": "provisioning"}
+            )
+            assert ok
+            await leases.release(s, CLUSTERS, lease)
+            await s.commit()
+    return len(held)
+
+
+async def test_two_replicas_racing_do_every_item_exactly_once(
+    engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    a, b = (session_factory(e) for e in engines)
+    await _seed(a, 60)
+
+    async def replica(sessions: async_sessionmaker[AsyncSession], owner: str) -> int:
+        done = 0
+        for _ in range(100):
+            n = await _replica_step(sessions, owner, T0, batch=4)
+            done += n
+            if n == 0:
+                async with sessions() as s:
+                    left = await s.scalar(
+                        select(Cluster.id).where(Cluster.state == "requested").limit(1)
+                    )
+                if left is None:
+                    break
+        return done
+
+    done_a, done_b = await asyncio.gather(replica(a, "r-a"), replica(b, "r-b"))
+    assert done_a + done_b == 60
+    audit = await _audit(a)
+    counts = Counter((item, action) for item, action, _ in audit)
+    assert len(counts) == 60 and set(counts.values()) == {1}
+    async with a() as s:
+        states = set((await s.execute(select(Cluster.state))).scalars())
+        assert states == {"provisioning"}
+
+
+async def test_a_stale_token_applies_nothing_and_takeover_waits_for_expiry(
+    engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    a, b = (session_factory(e) for e in engines)
+    await _seed(a, 1)
+    async with a() as s:
+        first = await leases.claim_one(s, CLUSTERS, "c-0000", owner="r-a", now=T0, ttl_s=30)
+        await s.commit()
+    assert first is not None
+    async with b() as s:  # held and unexpired: nobody else gets it
+        assert (
+            await leases.claim_one(s, CLUSTERS, "c-0000", owner="r-b", now=T0 + 29, ttl_s=30)
+            is None
+        )
+        await s.commit()
+    async with a() as s:  # renewing pushes the expiry out
+        first = await leases.renew(s, CLUSTERS, first, now=T0 + 20, ttl_s=30)
+        await s.commit()
+    async with b() as s:
+        assert (
+            await leases.claim_one(s, CLUSTERS, "c-0000", owner="r-b", now=T0 + 45, ttl_s=30)
+            is None
+        )
+        second = await leases.claim_one(s, CLUSTERS, "c-0000", owner="r-b", now=T0 + 51, ttl_s=30)
+        await s.commit()
+    assert second is not None and second.token != first.token
+    before = leases.stale_applies.get("clusters", 0)
+    async with a() as s:  # r-a stalled past expiry: its result is dropped
+        ok = await leases.guard(
+            s, CLUSTERS, first, action="provision", now=T0 + 52, values={"state": "failed"}
+        )
+        assert not ok
+        await s.rollback()
+        with pytest.raises(leases.StaleLease):
+            await leases.renew(s, CLUSTERS, first, now=T0 + 52, ttl_s=30)
+        assert not await leases.release(s, CLUSTERS, first)
+        await s.commit()
+    assert leases.stale_applies["clusters"] == before + 2
+    async with b() as s:
+        assert await leases.guard(
+            s, CLUSTERS, second, action="provision", now=T0 + 53, values={"state": "running"}
+        )
+        await s.commit()
+    async with a() as s:
+        cluster = await s.get(Cluster, "c-0000")
+        assert cluster is not None and cluster.state == "running"
+        assert cluster.lock_owner == "r-b"
+    assert await _audit(a) == [("c-0000", "provision", "r-b")]
+
+
+async def test_a_crashed_owners_item_is_resumed_after_expiry(
+    engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    a, b = (session_factory(e) for e in engines)
+    await _seed(a, 3)
+    async with a() as s:  # r-a claims everything, then "dies" (never applies, never renews)
+        held = await leases.claim(s, CLUSTERS, owner="r-a", now=T0, ttl_s=30, limit=10)
+        await s.commit()
+    assert len(held) == 3
+    assert await _replica_step(b, "r-b", T0 + 10, batch=10) == 0
+    assert await _replica_step(b, "r-b", T0 + 31, batch=10) == 3
+    assert sorted(i for i, _, o in await _audit(a) if o == "r-b") == ["c-0000", "c-0001", "c-0002"]
+
+
+async def test_role_lease_one_holder_kept_while_renewed_taken_over_after_expiry(
+    engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    a, b = (session_factory(e) for e in engines)
+
+    async def claim(
+        sessions: async_sessionmaker[AsyncSession], owner: str, now: float
+    ) -> leases.Lease | None:
+        async with sessions() as s:
+            lease = await leases.claim_role(s, "settler", owner, now, 10)
+            await s.commit()
+            return lease
+
+    both = await asyncio.gather(claim(a, "r-a", T0), claim(b, "r-b", T0))
+    holders = [lease for lease in both if lease is not None]
+    assert len(holders) == 1
+    holder = holders[0]
+    other = b if holder.owner == "r-a" else a
+    other_name = "r-b" if holder.owner == "r-a" else "r-a"
+    mine = a if holder.owner == "r-a" else b
+    again = await claim(mine, holder.owner, T0 + 5)  # the holder keeps its token
+    assert again is not None and again.token == holder.token and again.expires_at == T0 + 15
+    assert await claim(other, other_name, T0 + 12) is None
+    async with mine() as s:
+        assert await leases.guard_role(s, holder, action="settle", item_id="c-1", now=T0 + 13)
+        await s.commit()
+    taken = await claim(other, other_name, T0 + 16)
+    assert taken is not None and taken.token != holder.token
+    async with mine() as s:
+        assert not await leases.guard_role(s, holder, action="settle", item_id="c-1", now=T0 + 17)
+        await s.rollback()
+        with pytest.raises(leases.StaleLease):
+            await leases.renew_role(s, holder, now=T0 + 17, ttl_s=10)
+    async with other() as s:
+        taken = await leases.renew_role(s, taken, now=T0 + 20, ttl_s=10)
+        assert await leases.release_role(s, taken)
+        await s.commit()
+    assert await claim(mine, holder.owner, T0 + 21) is not None  # released: free at once
+    audit = await _audit(a)
+    assert audit == [("c-1", "settle", holder.owner)]
