@@ -6,8 +6,9 @@ marks a node dirty). Code that holds a database session publishes with
 (``sessions.configure(info={BUS_KEY: bus})`` at start-up), so service functions need no
 extra parameter and sessions without a bus (tools, tests of one service) publish nothing.
 
-The interface is what a NATS-backed bus would offer too: events are typed pydantic models
-(``loom.protocol.events``) that serialise to JSON.
+Events are typed pydantic models (``loom.protocol.events``) that serialise to JSON; with
+coordinator replicas the same interface is carried over NATS
+(:class:`loom.coordinator.replicas.bus.NatsBus`, chosen by ``Settings.bus_url``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ class EventBus:
         return lambda: self._subscribers.remove(fn)
 
     def publish(self, event: Event) -> None:
+        """A change made by this process: to every subscriber (and, on a replicated
+        bus, to the other replicas)."""
         self.published += 1
+        self.deliver(event)
+
+    def deliver(self, event: Event) -> None:
+        """Hand ``event`` to this process's subscribers."""
         for fn in list(self._subscribers):
             try:
                 fn(event)

@@ -51,11 +51,16 @@ class Settings:
     overlay_advertise: str = ""
     overlay_network: str = "10.250.0.0/16"
     overlay_dir: str = ""
+    #: How long a member's overlay certificate lives (renewed while its cluster lives).
+    overlay_cert_lifetime_s: float = 4 * 3600.0
     #: How often the settlement loop meters healthy time and settles it (at most 60 s).
     settle_interval_s: float = 30.0
     #: Platform fee on settlements, in basis points (500 = 5 %).
     fee_bps: int = 500
     #: Warn in a cluster's status when its escrow pays for less than this.
     escrow_warn_s: float = 900.0
+    #: The bus between coordinator replicas: nats://HOST:PORT[,…] ("" = one process, the
+    #: in-process bus; loom.coordinator.replicas).
+    bus_url: str = ""
     #: This replica's name: the owner written on the leases it holds (loom.coordinator.leases).
     replica_id: str = field(default_factory=default_replica_id)

@@ -127,6 +127,8 @@ class Cluster(Base):
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     state_changed_at: Mapped[float] = mapped_column(Float)
     timings_json: Mapped[str] = mapped_column(Text, default="{}")
+    #: Set on the way to `terminating` when the cluster is to end `failed` (with this reason).
+    fail_reason: Mapped[str] = mapped_column(Text, default="")
     #: The reconciler's lease on this cluster (loom.coordinator.leases; migration 0008).
     lock_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lock_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -379,3 +381,21 @@ class LeaseAudit(Base):
 
     __table_args__ = (Index("ix_lease_audit_item", "kind", "item_id"),)
 
+
+# --------------------------------------------------------------------------- agent sessions
+# (issue 11 §3; migration 0009). Which replica holds each agent's WebSocket
+# (loom.coordinator.replicas.sessions).
+
+
+class AgentSession(Base):
+    """The replica holding ``node_id``'s socket, fenced by ``epoch`` (bumped per connect)."""
+
+    __tablename__ = "agent_sessions"
+
+    node_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    replica_id: Mapped[str] = mapped_column(String(128), index=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, default=1)
+    connected_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+    #: Where other replicas reach the holder (its advertised HTTP URL), for operators.
+    address: Mapped[str] = mapped_column(String(255), default="")

@@ -7,13 +7,15 @@ and touches no I/O; `flush` writes every node's latest beat in one executemany.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import Table, bindparam, update
+from sqlalchemy import Table, and_, bindparam, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loom.coordinator.db.models import Node
+from loom.coordinator.replicas import sessions
 
 
 @dataclass
@@ -62,33 +64,51 @@ class HeartbeatBuffer:
             else:
                 entry.count += old.count
 
-    async def flush(self, session: AsyncSession) -> int:
+    async def flush(
+        self, session: AsyncSession, fence: tuple[str, Mapping[str, int]] | None = None
+    ) -> int:
         """Write and commit buffered heartbeats in one statement; returns how many nodes.
 
         If the write fails (pool timeout, database locked), the beats go back into the
         buffer for the next flush instead of being lost: a lost flush leaves
         `last_heartbeat_at` stale and the watchdog would take live nodes offline.
+
+        ``fence`` = (this replica's id, node id → the session epoch it holds): each row is
+        written only while the replica still holds that agent's session
+        (``loom.coordinator.replicas.sessions``); beats of nodes not in the map, or whose
+        session moved, change nothing (a stale replica's writes are refused).
         """
         pending = self.take()
+        if fence is not None:
+            pending = {n: p for n, p in pending.items() if n in fence[1]}
         if not pending:
             return 0
         table = cast(Table, Node.__table__)
+        where = table.c.id == bindparam("b_id")
+        if fence is not None:
+            where = and_(where, sessions.held_by(table.c.id, fence[0], bindparam("b_epoch")))
         stmt = (
             update(table)
-            .where(table.c.id == bindparam("b_id"))
+            .where(where)
             .values(
                 last_heartbeat_at=bindparam("b_at"),
                 heartbeats=table.c.heartbeats + bindparam("b_n"),
                 load_json=bindparam("b_load"),
             )
         )
+        epochs: Mapping[str, int] = fence[1] if fence is not None else {}
         rows = [
             {"b_id": node_id, "b_at": p.at, "b_n": p.count, "b_load": p.load_json}
+            | ({"b_epoch": epochs[node_id]} if fence is not None else {})
             for node_id, p in pending.items()
         ]
         try:
             conn = await session.connection()
             await conn.execute(stmt, rows)
+            if fence is not None:
+                await sessions.touch_many(
+                    session, fence[0], {n: (epochs[n], p.at) for n, p in pending.items()}
+                )
             await session.commit()
         except BaseException:
             self.restore(pending)
