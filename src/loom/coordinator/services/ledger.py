@@ -1,14 +1,11 @@
 """The ledger in the database: post transactions, read balances, re-verify the chain.
 
-`post` is `loom.core.ledger_verify.MemoryLedger.post` over SQL, inside the caller's DB
-transaction (the caller commits): lock the head row, look the idempotency key up, check
-balances, seal with `build_transaction`, append the transaction and its entries, update
-the materialized balances and the head. Every poster locks the single `ledger_head` row
-first — `SELECT … FOR UPDATE` on PostgreSQL; on SQLite a no-op UPDATE of that row, which
-takes the database's one write lock before anything is read — so posts are serialized
-and a reader never decides on a stale head or balance. Whatever else the caller changed
-in the same DB transaction (metering state, a cluster's devices) commits or rolls back
-together with the ledger rows, which is what makes a crash at any moment harmless.
+Appending lives in `ledger_write` (re-exported here: `lock_head`, `post`, `seal`): every
+append locks the single `ledger_head` row first, inside the caller's DB transaction, so
+whatever else the caller changed in that transaction (metering state, a cluster's
+devices) commits or rolls back together with the ledger rows, which is what makes a crash
+at any moment harmless. High-rate transfers go through the per-ledger sequencer
+(`ledger_sequencer`), which seals them in batches on the same lock.
 
 Private account names (``user:<key>``, ``escrow:<cluster>``) and idempotency keys enter
 the chain as pseudonyms (`ledger_privacy`); every function here takes and returns the
@@ -19,98 +16,30 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import queue
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loom.coordinator.db.models import AccountBalance, LedgerEntry, LedgerHead, LedgerTransaction
-from loom.coordinator.errors import BadRequest, Conflict, PaymentRequired
 from loom.coordinator.services import ledger_privacy as privacy
+from loom.coordinator.services import ledger_write as write
+from loom.coordinator.services.ledger_write import BALANCE_LIMIT as BALANCE_LIMIT
+from loom.coordinator.services.ledger_write import HEAD_ID as HEAD_ID
+from loom.coordinator.services.ledger_write import Transfer as Transfer
+from loom.coordinator.services.ledger_write import lock_head as lock_head
+from loom.coordinator.services.ledger_write import post as post
+from loom.coordinator.services.ledger_write import seal as seal
 from loom.core import ledger as core
 from loom.core import ledger_verify as lv
-from loom.core.ledger import Entry, Transaction
-from loom.core.money import format_credits
+from loom.core.ledger import Transaction
 
-HEAD_ID = 1
-#: No balance may leave ±2^62 micro-credits (BIGINT holds 2^63): refuse, don't overflow.
-BALANCE_LIMIT = 1 << 62
 CHUNK = 2000
-
-
-def _dialect(session: AsyncSession) -> str:
-    return session.get_bind().dialect.name
-
-
-async def lock_head(session: AsyncSession) -> tuple[int, str]:
-    """Take the ledger's lock for the rest of the caller's DB transaction; (seq, hash).
-
-    Call it before reading anything the decision depends on (balances, meters).
-    """
-    if _dialect(session) == "sqlite":
-        # The first write of the transaction: SQLite's write lock is taken (waiting up to
-        # busy_timeout) before the SELECT below reads, so the head cannot move under us.
-        await session.execute(
-            update(LedgerHead).where(LedgerHead.id == HEAD_ID).values(seq=LedgerHead.seq)
-        )
-        row = (
-            await session.execute(
-                select(LedgerHead.seq, LedgerHead.hash).where(LedgerHead.id == HEAD_ID)
-            )
-        ).one()
-    else:
-        row = (
-            await session.execute(
-                select(LedgerHead.seq, LedgerHead.hash)
-                .where(LedgerHead.id == HEAD_ID)
-                .with_for_update()
-            )
-        ).one()
-    return int(row[0]), str(row[1])
-
-
-def _meta_text(meta: Mapping[str, str]) -> str:
-    return json.dumps(dict(meta), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _meta_of(text: str) -> dict[str, str]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {"_unreadable": text[:64]}
-    if not isinstance(value, dict):
-        return {"_unreadable": text[:64]}
-    return value
-
-
-_TXN_COLUMNS = (
-    LedgerTransaction.seq,
-    LedgerTransaction.kind,
-    LedgerTransaction.idempotency_key,
-    LedgerTransaction.created_at,
-    LedgerTransaction.meta_json,
-    LedgerTransaction.prev_hash,
-    LedgerTransaction.hash,
-)
-_TxnRow = Sequence[Any]
-
-
-def _txn(row: _TxnRow, entries: Iterable[tuple[str, int]]) -> Transaction:
-    seq, kind, key, created_at, meta_json, prev_hash, digest = row
-    return Transaction(
-        seq=int(seq),
-        kind=kind,
-        idempotency_key=key,
-        entries=core.canonical_entries(entries),
-        meta=_meta_of(meta_json),
-        created_at=int(created_at),
-        prev_hash=prev_hash,
-        hash=digest,
-    )
+_txn = write.txn_of
+_TXN_COLUMNS = write.TXN_COLUMNS
+_TxnRow = write.TxnRow
 
 
 async def get_by_key(session: AsyncSession, key: str) -> Transaction | None:
@@ -157,107 +86,6 @@ async def balances_of(session: AsyncSession, accounts: Sequence[str]) -> dict[st
 
 async def balance(session: AsyncSession, account: str) -> int:
     return (await balances_of(session, [account])).get(account, 0)
-
-
-async def _public_balances(session: AsyncSession, accounts: Sequence[str]) -> dict[str, int]:
-    rows = await session.execute(
-        select(AccountBalance.account, AccountBalance.balance_micro).where(
-            AccountBalance.account.in_(list(accounts))
-        )
-    )
-    return {a: int(b) for a, b in rows}
-
-
-async def post(
-    session: AsyncSession,
-    kind: str,
-    key: str,
-    entries: Iterable[Entry | tuple[str, int]],
-    meta: Mapping[str, str] | None,
-    now: float,
-) -> Transaction:
-    """Append one transaction (or return the stored one for a replayed key).
-
-    The transaction comes back with its accounts under their private names; the chain
-    (and the returned hash) holds their public aliases.
-
-    Raises Conflict (409) when the key was used for a different movement, PaymentRequired
-    (402) naming the shortfall when a balance would go negative, BadRequest (400) when the
-    movement breaks the ledger's rules. Nothing is written in any of those cases.
-    """
-    seq, head = await lock_head(session)
-    # The chain is public: private account names and keys enter it as pseudonyms.
-    given = list(entries)
-    names = await privacy.public_names(session, [e[0] for e in given], create=True)
-    canon = core.canonical_entries((names[a], m) for a, m in given)
-    asked_key, key = key, await privacy.public_key(session, key, create=True)
-    existing = await _get_public(session, asked_key)
-    if existing is not None:
-        if core.same_request(existing, kind, canon, meta):
-            return await _privately(session, existing)
-        raise Conflict(
-            "idempotency_conflict",
-            f"idempotency key {asked_key!r} was already used for a different {existing.kind}; "
-            "use a new key for a new request",
-        )
-    try:
-        txn = core.build_transaction(
-            head, seq + 1, kind, key, canon, meta, max(0, int(now * 1_000_000))
-        )
-    except core.LedgerError as exc:
-        raise BadRequest("invalid_transaction", str(exc)) from None
-    accounts = [e.account for e in txn.entries]
-    current = await _public_balances(session, accounts)
-    working = dict(current)
-    try:
-        core.apply(working, txn)
-    except core.InsufficientFunds as exc:
-        raise PaymentRequired(
-            "insufficient_funds",
-            f"{_named(names, exc.account)} holds {format_credits(exc.balance_micro)} credits, "
-            f"short by "
-            f"{format_credits(exc.shortfall_micro)}",
-        ) from None
-    for account in accounts:
-        if abs(working[account]) > BALANCE_LIMIT:
-            raise BadRequest(
-                "amount_too_large",
-                f"{_named(names, account)} would exceed the ledger's balance limit",
-            )
-    await session.execute(
-        insert(LedgerTransaction).values(
-            seq=txn.seq,
-            kind=txn.kind,
-            idempotency_key=txn.idempotency_key,
-            created_at=txn.created_at,
-            meta_json=_meta_text(txn.meta),
-            prev_hash=txn.prev_hash,
-            hash=txn.hash,
-        )
-    )
-    await session.execute(
-        insert(LedgerEntry),
-        [{"txn_seq": txn.seq, "account": a, "amount_micro": m} for a, m in txn.entries],
-    )
-    new = [{"account": a, "balance_micro": working[a]} for a in accounts if a not in current]
-    if new:
-        await session.execute(insert(AccountBalance), new)
-    for account in accounts:
-        if account in current:
-            await session.execute(
-                update(AccountBalance)
-                .where(AccountBalance.account == account)
-                .values(balance_micro=working[account])
-            )
-    await session.execute(
-        update(LedgerHead).where(LedgerHead.id == HEAD_ID).values(seq=txn.seq, hash=txn.hash)
-    )
-    return await _privately(session, txn)
-
-
-def _named(names: Mapping[str, str], public: str) -> str:
-    """The private name behind a public alias, for the caller's own error messages."""
-    return next((a for a, b in names.items() if b == public), public)
 
 
 # --------------------------------------------------------------------------- reading
