@@ -27,6 +27,7 @@ from loom.client.sdk import LoomClient, LoomError
 from loom.demo import run_demo
 from loom.protocol.keystore import loom_home
 
+DEFAULT_BUS = "nats://127.0.0.1:4222"
 REGIONS = ("eu-west", "eu-west", "eu-central", "us-east")
 PRICES = ("0.30", "0.35", "0.40", "0.45")
 
@@ -70,12 +71,29 @@ class LocalNetwork:
     host: str = "127.0.0.1"
     heartbeat_timeout: float = 15.0
     db_url: str | None = None
+    #: Coordinator replicas (> 1 needs PostgreSQL in ``db_url`` and NATS at ``bus_url``).
+    replicas: int = 1
+    bus_url: str = DEFAULT_BUS
     coordinator: subprocess.Popen[bytes] | None = None
+    replica_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    replica_ports: list[int] = field(default_factory=list)
     agent_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def urls(self) -> list[str]:
+        """Every replica's URL (the first is ``url``)."""
+        return [f"http://{self.host}:{p}" for p in self.replica_ports or [self.port]]
+
+    def agent_coordinators(self, i: int) -> str:
+        """Agent ``i``'s ``--coordinator``: every replica, starting with its own share of
+        them (agents spread over the replicas, and fail over to the others)."""
+        urls = self.urls
+        k = i % len(urls)
+        return ",".join(urls[k:] + urls[:k])
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -84,30 +102,56 @@ class LocalNetwork:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
-    def start(self) -> None:
-        logs = self.home / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+    def _serve_cmd(self, port: int) -> list[str]:
         cmd = [
             sys.executable, "-m", "loom", "coordinator", "serve",
-            "--host", self.host, "--port", str(self.port), "--faucet",
+            "--host", self.host, "--port", str(port), "--faucet",
             "--heartbeat-timeout", str(self.heartbeat_timeout),
         ]  # fmt: skip
         if self.db_url:
             cmd += ["--db", self.db_url]
-        cmd += overlay_options()
-        self.coordinator = subprocess.Popen(
-            cmd,
-            env=self._env(),
-            stdout=open(logs / "coordinator.log", "ab"),
-            stderr=subprocess.STDOUT,
-        )
-        self.wait_healthy()
+        return cmd
+
+    def start(self) -> None:
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        if self.replicas > 1:
+            # One network, several coordinators: one PostgreSQL, NATS between them. The
+            # overlay's lighthouse is per coordinator: off here (members use the host).
+            self.replica_ports = [self.port] + [
+                free_port(self.host) for _ in range(1, self.replicas)
+            ]
+            for i, port in enumerate(self.replica_ports):
+                cmd = [*self._serve_cmd(port), "--bus", self.bus_url, "--replica-id", f"r{i + 1}"]
+                self.replica_procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        env=self._env(),
+                        stdout=open(logs / f"coordinator-r{i + 1}.log", "ab"),
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+                if i == 0:  # the first migrates the database; the others wait for it
+                    self.coordinator = self.replica_procs[0]
+                    self.wait_healthy()
+            for port in self.replica_ports[1:]:
+                self.wait_healthy(url=f"http://{self.host}:{port}")
+        else:
+            self.coordinator = subprocess.Popen(
+                self._serve_cmd(self.port) + overlay_options(),
+                env=self._env(),
+                stdout=open(logs / "coordinator.log", "ab"),
+                stderr=subprocess.STDOUT,
+            )
+            self.replica_procs = [self.coordinator]
+            self.wait_healthy()
         for i in range(self.agents):
             name = f"local-{i + 1}"
             agent_cmd = [
                 sys.executable, "-m", "loom", "worker", "start",
                 "--name", name, "--region", REGIONS[i % len(REGIONS)],
                 "--price", PRICES[i % len(PRICES)], "--runtime", self.runtime,
+                "--coordinator", self.agent_coordinators(i),
             ]  # fmt: skip
             self.agent_procs.append(
                 subprocess.Popen(
@@ -118,9 +162,10 @@ class LocalNetwork:
                 )
             )
 
-    def wait_healthy(self, timeout: float = 30.0) -> None:
+    def wait_healthy(self, timeout: float = 30.0, url: str | None = None) -> None:
+        url = url or self.url
         deadline = time.monotonic() + timeout
-        config = ClientConfig(coordinator=self.url, home=self.home, key_name="default")
+        config = ClientConfig(coordinator=url, home=self.home, key_name="default")
         with LoomClient.from_config(config, timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if self.coordinator is not None and self.coordinator.poll() is not None:
@@ -133,7 +178,7 @@ class LocalNetwork:
                     return
                 except LoomError:
                     time.sleep(0.2)
-        raise RuntimeError(f"the coordinator did not answer on {self.url} within {timeout:.0f} s")
+        raise RuntimeError(f"the coordinator did not answer on {url} within {timeout:.0f} s")
 
     def wait_nodes(self, client: LoomClient, count: int, timeout: float = 240.0) -> None:
         """Until `count` local agents are verified and available (the CPU challenge of
@@ -161,9 +206,11 @@ class LocalNetwork:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         _wait_all(self.agent_procs, 20)
-        if self.coordinator is not None and self.coordinator.poll() is None:
-            self.coordinator.send_signal(signal.SIGTERM)
-            _wait_all([self.coordinator], 15)
+        coordinators = self.replica_procs or ([self.coordinator] if self.coordinator else [])
+        for proc in coordinators:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        _wait_all(coordinators, 15)
 
 
 def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
@@ -189,10 +236,27 @@ def up(
     demo: Annotated[
         bool, typer.Option(help="run the demo end to end, then stop everything and exit")
     ] = False,
+    replicas: Annotated[
+        int, typer.Option(help="coordinator replicas (more than 1 needs --db postgresql://…)")
+    ] = 1,
+    db: Annotated[
+        str | None,
+        typer.Option(help="the coordinators' database (default: SQLite under $LOOM_HOME)"),
+    ] = None,
+    bus: Annotated[
+        str, typer.Option(help="the NATS server between replicas (with --replicas > 1)")
+    ] = DEFAULT_BUS,
 ) -> None:
-    """Start the embedded network: a coordinator and local agents, until Ctrl-C."""
+    """Start the embedded network: a coordinator and local agents, until Ctrl-C.
+
+    With ``--replicas N --db postgresql://…`` it is a local HA network: N coordinator
+    replicas on one PostgreSQL database and a NATS server, agents spread over them."""
     if not 1 <= agents <= 16:
         fail("--agents must be between 1 and 16")
+    if not 1 <= replicas <= 9:
+        fail("--replicas must be between 1 and 9")
+    if replicas > 1 and not (db or "").startswith("postgresql"):
+        fail("--replicas > 1 share one PostgreSQL database: pass --db postgresql://USER@HOST/DB")
     home = loom_home()
     home.mkdir(parents=True, exist_ok=True)
     host = "127.0.0.1"
@@ -200,7 +264,10 @@ def up(
         new_port = free_port(host)
         console.print(f"[yellow]port {port} is taken; using {new_port}[/]")
         port = new_port
-    net = LocalNetwork(home=home, port=port, agents=agents, runtime=runtime or default_runtime())
+    net = LocalNetwork(
+        home=home, port=port, agents=agents, runtime=runtime or default_runtime(), db_url=db,
+        replicas=replicas, bus_url=bus,
+    )  # fmt: skip
     interrupted = False
 
     def on_term(_sig: int, _frame: object) -> None:
@@ -217,6 +284,8 @@ def up(
                 net.wait_nodes(client, agents)
             console.print(nodes_table(client.nodes()))
             console.print(f"explorer: [bold]{net.url}/[/]   API docs: {net.url}/docs")
+            if replicas > 1:
+                console.print(f"replicas: {', '.join(net.urls)} (bus {bus})")
             console.print(
                 f"use it from another terminal: [bold]export LOOM_COORDINATOR={net.url}[/]"
             )
@@ -226,7 +295,7 @@ def up(
                 console.print("press Ctrl-C to stop everything")
                 while True:
                     time.sleep(1)
-                    if net.coordinator is not None and net.coordinator.poll() is not None:
+                    if all(p.poll() is not None for p in net.replica_procs):
                         fail("the coordinator stopped; see its log", EXIT_API)
     except KeyboardInterrupt:
         interrupted = True

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import typer
 
 from loom.agent import metrics as agent_metrics
-from loom.agent.config import AgentConfig, agent_ws_url
+from loom.agent.config import AgentConfig, agent_ws_urls
 from loom.agent.inventory import DeclaredProbe, GpuProbe, InventoryError, default_probe
 from loom.agent.main import Agent, AgentRefused
 from loom.agent.members import MemberManager
@@ -42,7 +42,10 @@ def _fail(message: str) -> typer.Exit:
 def start(
     coordinator: Annotated[
         str | None,
-        typer.Option(help="coordinator URL (default $LOOM_COORDINATOR or http://127.0.0.1:8700)"),
+        typer.Option(
+            help="coordinator URL, or several replicas' URL1,URL2,… to fail over between "
+            "(default $LOOM_COORDINATOR or http://127.0.0.1:8700)"
+        ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="node name (default: hostname)")] = None,
     region: Annotated[str, typer.Option(help="region, e.g. eu-west, us-east")] = "eu-west",
@@ -85,7 +88,7 @@ def start(
     url = coordinator or os.environ.get("LOOM_COORDINATOR") or "http://127.0.0.1:8700"
     node_name = name or socket.gethostname()
     try:
-        agent_ws_url(url)
+        agent_ws_urls(url)
         validate_region(region)
         if country:
             validate_country(country)
@@ -106,7 +109,8 @@ def start(
         probe = DeclaredProbe.from_file(inventory) if inventory else default_probe()
     except InventoryError as exc:
         raise _fail(str(exc)) from None
-    address = advertise_address(url, address)
+    first = url.split(",")[0].strip()  # replicas share one network: any will do
+    address = advertise_address(first, address)
     config = AgentConfig(
         coordinator=url,
         name=node_name,
@@ -148,7 +152,7 @@ async def _run(agent: Agent, sandbox: Runtime, config: AgentConfig) -> None:
     agent.handlers.update(members.handlers())
     agent.handlers.update(ChallengeHandler(agent).handlers())
     agent.on_drain.append(members.stop_all)
-    supplier = SupplierLog(config.coordinator, config.name, config.work_dir)
+    supplier = SupplierLog(config.coordinator.split(",")[0].strip(), config.name, config.work_dir)
     agent.on_connected.append(supplier.connected)
     agent.on_command.append(supplier.command)
 

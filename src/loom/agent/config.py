@@ -24,7 +24,21 @@ class AgentConfig:
 
     @property
     def ws_url(self) -> str:
-        return agent_ws_url(self.coordinator)
+        """The first coordinator's agent endpoint."""
+        return self.ws_urls[0]
+
+    @property
+    def ws_urls(self) -> list[str]:
+        """Every coordinator replica's agent endpoint (``coordinator`` is URL1,URL2,…)."""
+        return agent_ws_urls(self.coordinator)
+
+
+def agent_ws_urls(coordinators: str) -> list[str]:
+    """``URL1,URL2,…`` → their agent endpoints, in order; at least one."""
+    urls = [agent_ws_url(u.strip()) for u in coordinators.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("give at least one coordinator URL, e.g. http://HOST:8700")
+    return urls
 
 
 def agent_ws_url(coordinator: str) -> str:

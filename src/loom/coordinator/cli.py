@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,9 @@ from loom.coordinator.overlay.authority import OverlayConfigError
 from loom.coordinator.overlay.service import check_overlay
 from loom.protocol.keystore import loom_home
 from loom.protocol.messages import MAX_FRAME_BYTES
+
+#: A NATS subject token (loom.replica.<id>.cmd): no dots, spaces or wildcards.
+_REPLICA_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 app = typer.Typer(
     help="Run the coordinator (API, agent endpoint, database, loops).", no_args_is_help=True
@@ -59,6 +63,17 @@ def serve(
     overlay_network: Annotated[
         str, typer.Option(help="private IPv4 range of the overlay's addresses")
     ] = "10.250.0.0/16",
+    bus: Annotated[
+        str,
+        typer.Option(
+            help="nats://HOST:PORT[,…] of the NATS bus between coordinator replicas "
+            "(needs --db postgresql://…; '' = a single coordinator)"
+        ),
+    ] = "",
+    replica_id: Annotated[
+        str | None,
+        typer.Option(help="this replica's name, unique among live replicas (default HOST-PID)"),
+    ] = None,
 ) -> None:
     """Serve the HTTP API and the agent WebSocket."""
     home = loom_home()
@@ -69,6 +84,20 @@ def serve(
     except DatabaseURLError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    if bus and not bus.startswith(("nats://", "tls://")):
+        typer.echo(f"error: --bus must be nats://HOST:PORT, got {bus!r}", err=True)
+        raise typer.Exit(2)
+    if bus and url.startswith("sqlite"):
+        typer.echo(
+            "error: replicas (--bus) share one PostgreSQL database: pass --db postgresql://…",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if replica_id is not None and not _REPLICA_ID.fullmatch(replica_id):
+        typer.echo(
+            "error: --replica-id may use letters, digits, '-' and '_' (at most 64)", err=True
+        )
+        raise typer.Exit(2)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
@@ -86,7 +115,10 @@ def serve(
         overlay_listen=overlay_listen,
         overlay_advertise=overlay_advertise,
         overlay_network=overlay_network,
+        bus_url=bus,
     )
+    if replica_id:
+        settings.replica_id = replica_id
     try:
         check_overlay(settings)
     except OverlayConfigError as exc:

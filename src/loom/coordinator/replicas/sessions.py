@@ -84,13 +84,40 @@ async def touch(
     """Guarded ``last_seen = now``; False if this replica no longer holds the session."""
     result = await session.execute(
         update(TABLE)
-        .where(
-            TABLE.c.node_id == node_id, TABLE.c.replica_id == replica_id, TABLE.c.epoch == epoch
-        )
+        .where(TABLE.c.node_id == node_id, TABLE.c.replica_id == replica_id, TABLE.c.epoch == epoch)
         .values(last_seen=now)
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def unchanged(session: AsyncSession, node_id: str, epoch: int) -> bool:
+    """Lock ``node_id``'s session row if it is still at ``epoch`` (for a write that must
+    not race a reconnect, e.g. the watchdog's offline transition); False if it moved."""
+    result = await session.execute(
+        update(TABLE)
+        .where(TABLE.c.node_id == node_id, TABLE.c.epoch == epoch)
+        .values(epoch=TABLE.c.epoch)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def in_grace(
+    held: Holder,
+    replica_id: str,
+    last_beat: float | None,
+    now: float,
+    timeout_s: float,
+    grace_s: float,
+) -> bool:
+    """The watchdog's per-session grace: an agent whose socket *another* replica held may
+    be reconnecting to a third one after that replica died (capped backoff): it is not
+    judged until ``timeout + grace`` after the last sign of it."""
+    if held.replica_id == replica_id:
+        return False
+    last = max(last_beat or 0.0, held.last_seen)
+    return now - last < timeout_s + grace_s
 
 
 async def holders(session: AsyncSession, node_ids: Iterable[str]) -> dict[str, Holder]:
