@@ -10,12 +10,15 @@ grows with the network.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import TracebackType
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from loom.client.sdk import LoomAPIError, LoomClient
+from loom.coordinator.db.batching import CHUNK
 from loom.coordinator.db.models import Allocation, Device, Node
 from loom.coordinator.placement_index import PlacementIndex
 from loom.coordinator.services import clusters as cluster_service
@@ -97,6 +100,32 @@ def cpu_units(coordinator: CoordinatorThread, node_id: str) -> tuple[int, int, i
 
     result: tuple[int, int, int] = coordinator.run_coro(read())
     return result
+
+
+class Statements:
+    """The statements an engine runs meanwhile, and the longest argument list among them
+    (SQLAlchemy's ``before_cursor_execute`` hook on the real engine)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine.sync_engine
+        self.count = 0
+        self.max_args = 0
+
+    def _seen(
+        self, conn: Any, cursor: Any, stmt: str, params: Any, context: Any, many: bool
+    ) -> None:
+        self.count += 1
+        rows = params if many else [params]
+        self.max_args = max([self.max_args, *(len(r or ()) for r in rows)])
+
+    def __enter__(self) -> Statements:
+        event.listen(self.engine, "before_cursor_execute", self._seen)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._seen)
 
 
 @pytest.fixture
@@ -189,6 +218,46 @@ def test_the_periodic_resync_repairs_a_missed_event(
     assert coordinator.run_coro(index.resync()) == 0  # the reservation's event was applied
 
 
+def test_placement_reads_nothing_and_an_urgent_change_unlists_at_once(
+    coordinator: CoordinatorThread, agents: FakeAgents
+) -> None:
+    a = add_node(coordinator, agents, "ua", price="0.10", cpu_cores=2)
+    b = add_node(coordinator, agents, "ub", price="0.20", cpu_cores=2)
+    state = coordinator.state
+    # A private index (no bus, no refresh loop): every step below is driven by the test.
+    index = PlacementIndex(state.sessions, require_verified=index_of(coordinator).require_verified)
+    coordinator.run_coro(index.load())
+    one = requirement_from_spec(parse_spec({"nodes": 1, "resources": {"cpus": 1}}))
+    two = requirement_from_spec(parse_spec({"nodes": 2, "resources": {"cpus": 1}}))
+
+    def place(req: Any, n: int, **kw: Any) -> tuple[Any, int]:
+        with Statements(state.engine) as seen:
+            plan = coordinator.run_coro(index.place(req, n, **kw))
+        return plan, seen.count
+
+    plan, queries = place(one, 1)
+    assert isinstance(plan, PlacementPlan) and plan.head.node_id == a
+    assert queries == 0, "a placement the index can answer reads no database"
+    # `a` got cheaper behind the index's back, then its price event arrives: the node is
+    # unlisted at once (memory may no longer offer it as it was) until it is re-read.
+    sql(coordinator, update(Node).where(Node.id == a).values(price_micro=50_000))
+    index.on_event(NodeChanged(node_id=a, cause=ChangeCause.PRICE))
+    assert index.index.get(a, "cpu") is None and index.dirty == 1
+    plan, queries = place(one, 1)
+    assert isinstance(plan, PlacementPlan) and plan.head.node_id == b and queries == 0
+    # A request memory cannot place while a node waits unlisted re-reads that node first.
+    before = index.refreshed_nodes
+    plan, queries = place(two, 2)
+    assert isinstance(plan, PlacementPlan) and {m.node_id for m in plan.members} == {a, b}
+    assert queries > 0 and index.refreshed_nodes == before + 1
+    assert {m.node_id: m.price_micro for m in plan.members}[a] == 50_000
+    # An allocation event keeps the node listed (the conditional UPDATE guards it).
+    index.on_event(NodeChanged(node_id=b, cause=ChangeCause.ALLOCATION))
+    assert index.index.get(b, "cpu") is not None
+    plan, queries = place(one, 1, exclude_nodes={a})
+    assert isinstance(plan, PlacementPlan) and plan.head.node_id == b and queries == 0
+
+
 def test_placement_and_offers_beyond_32767_devices(coordinator: CoordinatorThread) -> None:
     """PostgreSQL refuses statements with more than 32,767 arguments; none grows so."""
     state = coordinator.state
@@ -197,31 +266,54 @@ def test_placement_and_offers_beyond_32767_devices(coordinator: CoordinatorThrea
     assert len(supply.node_ids) > 32_767 and supply.devices > 32_767
     everyone = frozenset(supply.node_ids)
     index = PlacementIndex(state.sessions, require_verified=True, presence=everyone)
-    coordinator.run_coro(index.load(), timeout=300)
-    assert index.index.device_count == supply.devices
     spec = parse_spec({"nodes": 4, "resources": {"gpu": "rtx4090"}})
 
-    async def both() -> tuple[object, object, int, int]:
+    async def run() -> tuple[object, object, int, int]:
+        await index.load()
         async with state.sessions() as session:
             memory = await cluster_service.placement_for(
                 session, spec, 4, connected=everyone, require_verified=True, index=index
             )
-            # The database path (no index) over the whole network, as before this index.
-            built = await cluster_service.placement_for(
+            # Without the coordinator's index: one loaded for the call (the same code).
+            loaded = await cluster_service.placement_for(
                 session, spec, 4, connected=everyone, require_verified=True
             )
-            offers_mem = await market.search(
+            found = await market.search(
                 session, "gpu=rtx4090", limit=1000, connected=everyone, index=index
             )
-            offers_db = await market.search(session, "gpu=rtx4090", limit=1000, connected=everyone)
-            return memory, built, len(offers_mem), len(offers_db)
+            await index.resync()
+            return memory, loaded, len(found), index.index.device_count
 
-    memory, built, n_mem, n_db = coordinator.run_coro(both(), timeout=300)
-    assert isinstance(memory, PlacementPlan) and isinstance(built, PlacementPlan), (memory, built)
-    # The same plan from memory as from the database (scores move with the clock, so
-    # compare what they depend on less: cost and nodes).
-    assert memory.hourly_micro == built.hourly_micro
-    assert {m.node_id for m in memory.members} == {m.node_id for m in built.members}
-    assert n_mem == n_db > 0
+    with Statements(state.engine) as seen:
+        memory, loaded, n_offers, listed = coordinator.run_coro(run(), timeout=300)
+    assert seen.max_args <= CHUNK + 10, f"a statement took {seen.max_args} arguments"
+    assert listed == supply.devices
+    assert isinstance(memory, PlacementPlan) and isinstance(loaded, PlacementPlan)
+
+    async def truth() -> list[tuple[str, str, int]]:
+        async with state.sessions() as session:  # the free rtx4090s, straight from SQL
+            rows = await session.execute(
+                select(Node.id, Node.region, Node.price_micro)
+                .join(Device, Device.node_id == Node.id)
+                .where(
+                    Device.model == "rtx4090",
+                    Device.state == "verified",
+                    Device.present.is_(True),
+                    Device.allocated_units == 0,
+                    Node.state.in_(("available", "allocated")),
+                )
+            )
+            return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    free = coordinator.run_coro(truth(), timeout=120)
+    assert n_offers == min(1000, len(free))
+    by_region: dict[str, list[int]] = {}
+    for _, region, price in free:
+        by_region.setdefault(region, []).append(price)
+    cheapest = min(sum(sorted(p)[:4]) for p in by_region.values() if len(p) >= 4)
+    # The cheapest single-region plan of four, as SQL sees the supply.
+    assert memory.hourly_micro == loaded.hourly_micro == cheapest
+    assert {m.node_id for m in memory.members} <= {n for n, _, _ in free}
+    assert len(memory.regions) == 1
     h200 = requirement_from_spec(parse_spec({"nodes": 1, "resources": {"gpu": "h200"}}))
     assert isinstance(coordinator.run_coro(index.place(h200, 1)), PlacementFailure)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from loom.client.sdk import LoomClient
-from loom.coordinator.services import allocation
+from loom.coordinator.placement_index import loaded_now
 from loom.coordinator.state import CoordinatorState
 from loom.core.catalog import CPU_MODEL
-from loom.core.placement import PlacementPlan, Requirement, place
+from loom.core.placement import PlacementPlan, Requirement
 from loom.protocol.api import NodeOut
 from support.servers import AgentProcess, CoordinatorThread, wait_for
 
@@ -26,11 +26,10 @@ def _node(client: LoomClient, name: str) -> NodeOut | None:
 
 async def _placeable(state: CoordinatorState, model: str, units: int) -> bool:
     req = Requirement(options=((model, units),))
-    async with state.session() as session:
-        index = await allocation.build_index(
-            session, req, require_verified=True, connected=set(state.hub.connections)
-        )
-    return isinstance(place(req, 1, index), PlacementPlan)
+    async with state.session() as session:  # an index read from the database now
+        connected = set(state.hub.connections)
+        index = await loaded_now(session, require_verified=True, presence=connected)
+    return isinstance(await index.place(req, 1), PlacementPlan)
 
 
 def test_honest_cpu_verifies_and_a_declared_gpu_it_does_not_have_fails(

@@ -7,12 +7,14 @@ verdicts, reservations and releases, price refreshes, presence of agents. An eve
 marks its node *dirty* and the node is re-read from the database (bounded chunks), so events
 carry no values and a duplicated one is harmless; it is read again :data:`SETTLE_S` later, in
 case the first read raced the publisher's commit. *Urgent* changes (anything that may make
-memory offer too much: state, verdict, facts, price, a lost reservation race) are re-read
-before the next placement; allocation changes by the background :meth:`refresh` every
-:data:`REFRESH_S`, this process's own reservations being applied to memory at once
-(:meth:`PlacementIndex.reserved`). :meth:`PlacementIndex.resync` (every :data:`RESYNC_S`)
-re-reads everything and repairs any missed event; scores are recomputed in full every
-:data:`SCORE_RESYNC_S`.
+memory offer too much: state, verdict, facts, price, a lost reservation race) unlist the
+node at once, until it is re-read; every change is re-read by the background
+:meth:`refresh` every :data:`REFRESH_S`, this process's own reservations being applied to
+memory at once (:meth:`PlacementIndex.reserved`). A placement therefore reads no database
+on its way, except when memory cannot place it while urgent nodes wait unlisted: those
+are re-read first (a node that just became available is placeable at once).
+:meth:`PlacementIndex.resync` (every :data:`RESYNC_S`) re-reads everything and repairs any
+missed event; scores are recomputed in full every :data:`SCORE_RESYNC_S`.
 
 Reservation is still the conditional UPDATE of ``services.allocation.reserve``: a stale
 index can only propose a device that is no longer free, which costs a retry (the loser
@@ -61,6 +63,10 @@ SETTLE_S = 2.0
 DEFAULT_RELIABILITY = 0.5
 PLACEABLE = frozenset({NodeState.AVAILABLE.value, NodeState.ALLOCATED.value})
 MAX_RETRIES = 4
+#: Changes that cannot make memory offer what the database forbids (a stale free unit is
+#: refused by the reservation's conditional UPDATE; a score only orders and filters by
+#: preference): re-read by the background refresh, the node staying listed meanwhile.
+LAZY = frozenset({ChangeCause.ALLOCATION, ChangeCause.RELIABILITY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,8 +312,10 @@ class PlacementIndex:
             self._relist(event.node_id)
         elif isinstance(event, NodeChanged):
             self._dirty[event.node_id] = (time.monotonic(), False)
-            if event.cause is not ChangeCause.ALLOCATION:
+            if event.cause not in LAZY:
+                # Unlisted until re-read: memory never offers what the change may forbid.
                 self._urgent.add(event.node_id)
+                self.index.remove(event.node_id)
 
     def invalidate_device(self, device_id: str) -> None:
         """A reservation of ``device_id`` lost a race: re-read its node before placing."""
@@ -375,11 +383,12 @@ class PlacementIndex:
             for node_id in chunk:
                 self.scores[node_id] = got.get(node_id, DEFAULT_RELIABILITY)
 
-    async def refresh(self) -> None:
+    async def refresh(self, *, urgent_only: bool = False) -> None:
         """Re-read the dirty nodes (and their scores) in bounded chunks.
 
         A node is read right after its event and once more :data:`SETTLE_S` later (a read
         that raced the publisher's commit saw the old row), then it is clean.
+        ``urgent_only``: only the unlisted (urgent) ones, for a request that needs them.
         """
         if not self._dirty and not self._urgent:
             return
@@ -387,6 +396,8 @@ class PlacementIndex:
         ids: list[str] = []
         seen: dict[str, float] = {}  # the event each read answers
         for node_id, (marked, read) in list(self._dirty.items()):
+            if urgent_only and node_id not in self._urgent:
+                continue
             if not read or node_id in self._urgent:
                 self._dirty[node_id] = (marked, True)
             elif now - marked >= self.settle_s:
@@ -415,15 +426,14 @@ class PlacementIndex:
             if self._local.get(node_id, 0) != versions[node_id]:
                 self._dirty[node_id] = (time.monotonic(), False)  # changed here meanwhile
                 continue
+            entry = self._dirty.get(node_id)  # urgent until a read started after its last event
+            if entry is None or entry[0] == seen[node_id]:
+                self._urgent.discard(node_id)
             if row is None:
                 self._forget(node_id)
                 continue
             self.scores[node_id] = got.get(node_id, DEFAULT_RELIABILITY)
-            self._store(row)
-        for node_id in chunk:  # urgent until a read started after its last event
-            entry = self._dirty.get(node_id)
-            if entry is None or entry[0] == seen[node_id]:
-                self._urgent.discard(node_id)
+            self._store(row)  # listed again unless still urgent
         self.refreshed_nodes += len(chunk)
 
     def reserved(self, plan: PlacementPlan) -> None:
@@ -464,7 +474,7 @@ class PlacementIndex:
     def _relist(self, node_id: str) -> None:
         self.index.remove(node_id)
         row = self.nodes.get(node_id)
-        if row is None or row.state not in PLACEABLE:
+        if row is None or row.state not in PLACEABLE or node_id in self._urgent:
             return
         if self.presence is not None and node_id not in self.presence:
             return
@@ -481,11 +491,27 @@ class PlacementIndex:
         connected: Container[str] | None = None,
         exclude_nodes: Iterable[str] = (),
     ) -> PlacementPlan | PlacementFailure:
-        """Place from memory; a member on a node not in ``connected`` is excluded and retried."""
+        """Place from memory; a member on a node not in ``connected`` is excluded and retried.
+
+        No database read on this path unless memory cannot place the request while some
+        nodes wait unlisted for a re-read (an urgent change): then those nodes (only) are
+        re-read and placement runs once more.
+        """
         if not self.loaded:
             await self.load()
-        if self._urgent:
-            await self.refresh()
+        result = self._place(req, nodes, connected, exclude_nodes)
+        if isinstance(result, PlacementFailure) and self._urgent:
+            await self.refresh(urgent_only=True)
+            result = self._place(req, nodes, connected, exclude_nodes)
+        return result
+
+    def _place(
+        self,
+        req: Requirement,
+        nodes: int,
+        connected: Container[str] | None,
+        exclude_nodes: Iterable[str],
+    ) -> PlacementPlan | PlacementFailure:
         exclude = set(exclude_nodes)
         result = place(req, nodes, self.index, exclude_nodes=frozenset(exclude))
         for _ in range(MAX_RETRIES):
@@ -507,7 +533,7 @@ class PlacementIndex:
         if not self.loaded:
             await self.load()
         if self._urgent:
-            await self.refresh()
+            await self.refresh(urgent_only=True)
         out: list[Offer] = []
         for node_id, row in self.nodes.items():
             if row.state not in PLACEABLE:
@@ -518,3 +544,19 @@ class PlacementIndex:
                 continue
             out.extend(offers_of(row, self.scores.get(node_id, DEFAULT_RELIABILITY), models))
         return out
+
+
+async def loaded_now(
+    session: AsyncSession, *, require_verified: bool, presence: Container[str] | None
+) -> PlacementIndex:
+    """A throwaway index loaded from ``session``'s database now, for a caller without the
+    coordinator's long-lived one (tools, tests): the same code, paid per call."""
+    if session.bind is None:
+        raise RuntimeError("the session is not bound to a database")
+    index = PlacementIndex(
+        async_sessionmaker(session.bind, expire_on_commit=False),
+        require_verified=require_verified,
+        presence=presence,
+    )
+    await index.load()
+    return index

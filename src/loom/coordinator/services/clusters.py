@@ -20,14 +20,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from loom.coordinator.db.models import Allocation, Cluster, ClusterEvent, Device, Member, Node
 from loom.coordinator.errors import BadRequest, Conflict, NotFound
 from loom.coordinator.metrics import timed_placement
-from loom.coordinator.placement_index import PlacementIndex
+from loom.coordinator.placement_index import PlacementIndex, loaded_now
 from loom.coordinator.services import allocation, billing, confirmation
 from loom.coordinator.services import nodes as node_service
-from loom.coordinator.services.reliability import scores_now
 from loom.core.catalog import CPU_MODEL
 from loom.core.models import ClusterState, MemberState, NodeState
 from loom.core.money import format_credits
-from loom.core.placement import PlacementFailure, PlacementPlan, place, requirement_from_spec
+from loom.core.placement import PlacementFailure, PlacementPlan, requirement_from_spec
 from loom.core.spec import ClusterSpec, SpecError, parse_spec
 from loom.protocol.api import ClusterEventOut, ClusterOut, MemberOut
 
@@ -100,18 +99,11 @@ async def placement_for(
     index: PlacementIndex | None = None,
 ) -> PlacementPlan | PlacementFailure:
     """Place from the coordinator's long-lived index when given one (the running
-    coordinator always does), else from an index built from the database for this call."""
+    coordinator always does), else from an index loaded from the database for this call."""
     req = requirement_from_spec(spec)
-    if index is not None and index.require_verified == require_verified:
-        return await index.place(req, nodes, connected=connected, exclude_nodes=exclude_nodes)
-    built = await allocation.build_index(
-        session,
-        req,
-        require_verified=require_verified,
-        connected=connected,
-        reliability=await scores_now(session, sorted(connected)),
-    )
-    return place(req, nodes, built, exclude_nodes=exclude_nodes)
+    if index is None or index.require_verified != require_verified:
+        index = await loaded_now(session, require_verified=require_verified, presence=connected)
+    return await index.place(req, nodes, connected=connected, exclude_nodes=exclude_nodes)
 
 
 async def create_cluster(

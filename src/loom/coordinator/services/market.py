@@ -12,13 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from loom.coordinator.bus import publish_on
 from loom.coordinator.db.models import Device, Node
 from loom.coordinator.errors import BadRequest, Conflict
-from loom.coordinator.placement_index import PlacementIndex
+from loom.coordinator.placement_index import PlacementIndex, loaded_now
 from loom.coordinator.services import clusters as cluster_service
-from loom.coordinator.services.reliability import scores_now
 from loom.core.catalog import CPU_MODEL
-from loom.core.challenge.capacity import offered_units
 from loom.core.metering import escrow_needed
-from loom.core.models import ConnectivityTier, DeviceState, NodeState, SecurityTier
+from loom.core.models import NodeState
 from loom.core.placement import PlacementFailure, PlacementPlan
 from loom.core.pricing import Quote, median_price, quote_lines
 from loom.core.query import Offer, QueryError, filter_offers, parse_query, sort_offers
@@ -33,7 +31,6 @@ PRICED = (
     NodeState.OFFLINE.value,
     NodeState.DRAINED.value,
 )
-DEFAULT_RELIABILITY = 0.5
 MAX_OFFERS = 1000
 
 
@@ -44,59 +41,12 @@ async def live_offers(
     models: frozenset[str] | None = None,
     index: PlacementIndex | None = None,
 ) -> list[Offer]:
-    """One offer per (node, model) with free devices, from placeable (and connected) nodes:
-    from the coordinator's long-lived index when given one, else from the database."""
-    if index is not None:
-        return await index.offers(connected=connected, models=models)
-    stmt = (
-        select(Device, Node)
-        .join(Node, Node.id == Device.node_id)
-        .where(
-            Node.state.in_(PLACEABLE),
-            Device.present.is_(True),
-            Device.state != DeviceState.FAILED.value,
-        )
-    )
-    if models is not None:
-        stmt = stmt.where(Device.model.in_(sorted(models)))
-    grouped: dict[tuple[str, str], list[tuple[Device, Node]]] = defaultdict(list)
-    for dev, node in await session.execute(stmt):
-        if connected is not None and node.id not in connected:
-            continue
-        grouped[(node.id, dev.model)].append((dev, node))
-    offers: list[Offer] = []
-    scores = await scores_now(session, sorted({node_id for node_id, _ in grouped}))
-    for (node_id, model), rows in grouped.items():
-        node = rows[0][1]
-        # Offered: the claim capped by what the challenge measured (core.challenge.capacity).
-        free = [d for d, _ in rows if d.allocated_units < offered_units(d.count, d.verified_units)]
-        if not free:
-            continue
-        if model == CPU_MODEL:
-            cpus = sum(offered_units(d.count, d.verified_units) - d.allocated_units for d in free)
-            count = 1
-        else:
-            cpus = node.cpu_cores
-            count = len(free)
-        offers.append(
-            Offer(
-                node_id=node_id,
-                node_name=node.name,
-                model=model,
-                count=count,
-                vram_gb=max((d.vram_mb or 0) for d in free) / 1024,
-                cpus=cpus,
-                ram_gb=node.ram_mb / 1024,
-                region=node.region,
-                country=node.country,
-                price_micro=node.price_micro,
-                reliability=scores.get(node_id, DEFAULT_RELIABILITY),
-                verified=any(d.state == DeviceState.VERIFIED.value for d in free),
-                security=SecurityTier.COMMUNITY,
-                connectivity=ConnectivityTier.ULTRA,
-            )
-        )
-    return offers
+    """One offer per (node, model) with free devices, from placeable (and connected) nodes,
+    read from the coordinator's long-lived index (``placement_index.offers_of`` is the one
+    place that turns rows into offers); without one, from an index loaded for this call."""
+    if index is None:
+        index = await loaded_now(session, require_verified=False, presence=connected)
+    return await index.offers(connected=connected, models=models)
 
 
 async def search(
