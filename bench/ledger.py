@@ -1,14 +1,23 @@
-"""Benchmark: the ledger in the database, through `services.ledger.post` and `verify`.
+"""Benchmark: the ledger in the database — the sequencer against today's path and the
+database's own single-row insert rate, then `verify`.
 
-Run: .venv/bin/python bench/ledger.py [--posts N] [--writers W] [--verify-count M]
-     [--pg postgresql://postgres@127.0.0.1:5432/test]
+Run: .venv/bin/python bench/ledger.py [--posts N] [--writers W] [--callers C] [--runs R]
+     [--verify-count M] [--pg postgresql://postgres@127.0.0.1:5432/test] [--no-sqlite]
 
-Transfers per second: each post is its own DB transaction (lock head, idempotency lookup,
-balance check, seal, insert transaction + entries, update balances and head, commit),
-alternating deposit and hold over 100 users, with one writer and with W concurrent
-writers (asyncio tasks, each with its own connection). Verify: `services.ledger.verify`
-over the whole chain from the database (streamed, hash chain + balances cache + head),
-reported as seconds per 1,000,000 transactions extrapolated from M transactions.
+Per backend, in one fresh database, each figure the median of R runs:
+
+* ``direct``: today's path — every transfer its own DB transaction through `ledger.post`
+  (lock the head, idempotency lookup, balance check, seal, insert, update, commit), W
+  concurrent writers (asyncio tasks, each with its own connection).
+* ``sequencer``: C concurrent callers (asyncio tasks) each awaiting `Sequencer.submit`
+  for its next transfer; the sequencer seals whatever is queued in one DB transaction.
+* ``insert``: the database's own rate for single-row INSERT transactions (one row, one
+  commit each) from W concurrent connections of the bare driver (asyncpg / sqlite3),
+  with no ORM: the ceiling for any design that commits every transfer on its own.
+
+Transfers alternate deposit and hold over 100 users (as before); each caller posts a
+deposit, awaits it, then the hold it pays for. Verify: `ledger.verify`
+over the whole chain, seconds per 1,000,000 transactions extrapolated from M.
 PostgreSQL runs in a fresh schema that is dropped afterwards; skipped if unreachable.
 """
 
@@ -16,75 +25,159 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
+import sqlite3
+import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loom.coordinator.db.engine import create_engine, migrate, session_factory
 from loom.coordinator.services import ledger
+from loom.coordinator.services.ledger_sequencer import Sequencer
+from loom.coordinator.services.ledger_write import Transfer
 from loom.core import ledger as core
 from loom.core.money import MICRO
 
 USERS = [f"{i:064x}" for i in range(1, 101)]
+Sessions = async_sessionmaker[AsyncSession]
 
 
-async def _post(sessions: object, i: int, tag: str) -> None:
+def _transfer(i: int, tag: str) -> Transfer:
     user = USERS[(i // 2) % len(USERS)]
-    async with sessions() as s:  # type: ignore[operator]
-        if i % 2 == 0:
-            kind, entries = core.DEPOSIT, core.deposit_entries(user, 10 * MICRO)
-        else:
-            kind, entries = core.HOLD, core.hold_entries(user, f"c{tag}{i}", MICRO)
-        await ledger.post(s, kind, f"{tag}-{i}", entries, {}, time.time())
-        await s.commit()
+    if i % 2 == 0:
+        return Transfer.of(core.DEPOSIT, f"{tag}-{i}", core.deposit_entries(user, 10 * MICRO))
+    return Transfer.of(core.HOLD, f"{tag}-{i}", core.hold_entries(user, f"c{tag}{i}", MICRO))
 
 
-async def run(url: str, posts: int, writers: int, verify_count: int) -> dict[str, float]:
+async def _direct(sessions: Sessions, posts: int, writers: int, tag: str) -> float:
+    counter = iter(range(0, posts, 2))
+
+    async def writer() -> None:
+        for k in counter:  # a deposit, then the hold it pays for
+            for t in (_transfer(k, tag), _transfer(k + 1, tag)):
+                async with sessions() as s:
+                    await ledger.post(s, t.kind, t.key, t.entries, t.meta, time.time())
+                    await s.commit()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(writer() for _ in range(writers)))
+    return posts / (time.perf_counter() - t0)
+
+
+async def _sequenced(sessions: Sessions, posts: int, callers: int, tag: str) -> float:
+    seq = Sequencer(sessions)
+    seq.start()
+    counter = iter(range(0, posts, 2))
+
+    async def caller() -> None:
+        for k in counter:  # a deposit, then the hold it pays for
+            await seq.submit(_transfer(k, tag))
+            await seq.submit(_transfer(k + 1, tag))
+
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        rate = posts / (time.perf_counter() - t0)
+    finally:
+        await seq.stop()
+    assert seq.stats.refused == 0, seq.stats
+    return rate
+
+
+async def _insert_pg(url: str, schema: str, rows: int, writers: int, tag: str) -> float:
+    pool = await asyncpg.create_pool(
+        url, min_size=writers, max_size=writers, server_settings={"search_path": schema}
+    )
+    assert pool is not None
+    try:
+        await pool.execute("CREATE TABLE IF NOT EXISTS bench_rows (id text PRIMARY KEY, v bigint)")
+        counter = iter(range(rows))
+
+        async def writer() -> None:
+            async with pool.acquire() as conn:
+                for i in counter:  # autocommit: one transaction per row
+                    await conn.execute("INSERT INTO bench_rows VALUES ($1, $2)", f"{tag}{i}", i)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(writer() for _ in range(writers)))
+        return rows / (time.perf_counter() - t0)
+    finally:
+        await pool.close()
+
+
+def _insert_sqlite(path: str, rows: int, tag: str) -> float:
+    """One connection (SQLite has one writer), the coordinator's pragmas."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
+            conn.execute(f"PRAGMA {pragma}")
+        conn.execute("CREATE TABLE IF NOT EXISTS bench_rows (id text PRIMARY KEY, v integer)")
+        t0 = time.perf_counter()
+        for i in range(rows):
+            conn.execute("INSERT INTO bench_rows VALUES (?, ?)", (f"{tag}{i}", i))
+        return rows / (time.perf_counter() - t0)
+    finally:
+        conn.close()
+
+
+async def _fill(sessions: Sessions, target: int) -> None:
+    """Top the chain up to ``target`` transactions through the sequencer (fast)."""
+    async with sessions() as s:
+        have = await ledger.count(s)
+    seq = Sequencer(sessions)
+    seq.start()
+    try:
+        user = iter(range(have, target))
+        await asyncio.gather(
+            *(
+                seq.submit(
+                    Transfer.of(
+                        core.DEPOSIT,
+                        f"fill-{i}",
+                        core.deposit_entries(USERS[i % len(USERS)], MICRO),
+                    )
+                )
+                for i in user
+            )
+        )
+    finally:
+        await seq.stop()
+
+
+async def run(
+    url: str, insert: Callable[[str], Awaitable[float]], args: argparse.Namespace
+) -> dict[str, float]:
     engine = create_engine(url)
     await migrate(engine)
     sessions = session_factory(engine)
-    out: dict[str, float] = {}
+    figures: dict[str, list[float]] = {"direct": [], "sequencer": [], "insert": []}
     try:
-        t0 = time.perf_counter()
-        for i in range(posts):
-            await _post(sessions, i, "a")
-        out["single_tps"] = posts / (time.perf_counter() - t0)
-
-        per = posts // writers
-
-        async def writer(w: int) -> None:
-            for i in range(per):
-                await _post(sessions, i, f"w{w}")
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(writer(w) for w in range(writers)))
-        out["concurrent_tps"] = per * writers / (time.perf_counter() - t0)
-
-        async with sessions() as s:
-            have = await ledger.count(s)
-        i = 0
-        while have < verify_count:  # fill up to verify_count, in batches of 500 per commit
-            async with sessions() as s:
-                for _ in range(min(500, verify_count - have)):
-                    user = USERS[i % len(USERS)]
-                    entries = core.deposit_entries(user, MICRO)
-                    await ledger.post(s, core.DEPOSIT, f"f-{i}", entries, {}, time.time())
-                    i += 1
-                    have += 1
-                await s.commit()
+        for r in range(args.runs):
+            figures["insert"].append(await insert(f"i{r}-"))
+            figures["direct"].append(await _direct(sessions, args.posts, args.writers, f"d{r}"))
+            figures["sequencer"].append(
+                await _sequenced(sessions, args.seq_posts, args.callers, f"s{r}")
+            )
+        await _fill(sessions, args.verify_count)
         async with sessions() as s:
             t0 = time.perf_counter()
             result = await ledger.verify(s)
             elapsed = time.perf_counter() - t0
         assert result.ok, result.failure
-        out["verify_count"] = result.count
-        out["verify_s"] = elapsed
-        out["verify_s_per_1m"] = elapsed / result.count * 1_000_000
     finally:
         await engine.dispose()
+    out = {k: statistics.median(v) for k, v in figures.items()}
+    out["runs"] = len(figures["direct"])
+    out["verify_count"] = result.count
+    out["verify_s"] = elapsed
+    out["verify_s_per_1m"] = elapsed / result.count * 1_000_000
+    print(f"  {url.split('?')[0]}: { ({k: [round(x) for x in v] for k, v in figures.items()}) }")
     return out
 
 
@@ -98,15 +191,25 @@ async def _pg(url: str, sql: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--posts", type=int, default=2000)
-    ap.add_argument("--writers", type=int, default=4)
+    ap.add_argument("--posts", type=int, default=1000, help="transfers per direct run")
+    ap.add_argument("--seq-posts", type=int, default=10_000, help="transfers per sequencer run")
+    ap.add_argument("--writers", type=int, default=8)
+    ap.add_argument("--callers", type=int, default=500)
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--verify-count", type=int, default=50_000)
     ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test")
+    ap.add_argument("--no-sqlite", action="store_true")
     args = ap.parse_args()
     results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        url = f"sqlite:///{Path(tmp) / 'bench.db'}"
-        results["sqlite"] = asyncio.run(run(url, args.posts, args.writers, args.verify_count))
+    if not args.no_sqlite:
+        with tempfile.TemporaryDirectory() as tmp:
+            url = f"sqlite:///{Path(tmp) / 'bench.db'}"
+            raw = str(Path(tmp) / "rows.db")
+
+            async def sqlite_insert(tag: str) -> float:
+                return _insert_sqlite(raw, args.posts * 4, tag)
+
+            results["sqlite"] = asyncio.run(run(url, sqlite_insert, args))
     schema = f"bench_{secrets.token_hex(4)}"
     try:
         asyncio.run(_pg(args.pg, f'CREATE SCHEMA "{schema}"'))
@@ -114,19 +217,29 @@ def main() -> None:
         print(f"postgresql: skipped ({exc})")
     else:
         try:
-            pg_url = f"{args.pg}?schema={schema}"
-            results["postgresql"] = asyncio.run(
-                run(pg_url, args.posts, args.writers, args.verify_count)
-            )
+
+            async def pg_insert(tag: str) -> float:
+                return await _insert_pg(args.pg, schema, args.posts * 4, args.writers, tag)
+
+            results["postgresql"] = asyncio.run(run(f"{args.pg}?schema={schema}", pg_insert, args))
         finally:
             asyncio.run(_pg(args.pg, f'DROP SCHEMA "{schema}" CASCADE'))
-    print(f"posts {args.posts} per run, {args.writers} concurrent writers")
-    print("| backend | 1 writer tx/s | 4 writers tx/s | verify: txns | verify s | s per 1 M |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        f"direct: {args.posts} transfers per run, {args.writers} writers; sequencer: "
+        f"{args.seq_posts} per run, {args.callers} callers; insert: {args.posts * 4} rows, "
+        f"{args.writers} connections (SQLite: 1); medians of {args.runs} runs; "
+        f"load {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "| backend | direct tx/s | sequencer tx/s | single-row inserts/s | sequencer / inserts "
+        "| sequencer / direct | verify: txns | s per 1 M |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
         print(
-            f"| {name} | {r['single_tps']:.0f} | {r['concurrent_tps']:.0f} | "
-            f"{int(r['verify_count']):,} | {r['verify_s']:.2f} | {r['verify_s_per_1m']:.0f} |"
+            f"| {name} | {r['direct']:.0f} | {r['sequencer']:.0f} | {r['insert']:.0f} | "
+            f"{r['sequencer'] / r['insert']:.2f} | {r['sequencer'] / r['direct']:.1f} | "
+            f"{int(r['verify_count']):,} | {r['verify_s_per_1m']:.0f} |"
         )
 
 

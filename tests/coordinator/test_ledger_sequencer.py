@@ -11,11 +11,15 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from loom.coordinator import leases
 from loom.coordinator.db.engine import create_engine, migrate, session_factory
+from loom.coordinator.db.models import LedgerQueued
 from loom.coordinator.errors import BadRequest, Conflict, PaymentRequired, ServiceError
 from loom.coordinator.services import ledger
+from loom.coordinator.services.ledger_queue import LeasedRole, QueueHandoff
 from loom.coordinator.services.ledger_sequencer import Sequencer
 from loom.coordinator.services.ledger_write import Transfer
 from loom.core import ledger as core
@@ -151,6 +155,76 @@ async def test_sequencer_and_direct_posts_share_the_lock(
     assert result.count == 110
     async with sessions() as s:
         assert await ledger.balance(s, core.user_account(user)) == 110 * MICRO
+
+
+# --------------------------------------------------------------------------- replicas
+
+
+async def test_the_role_holder_seals_hand_offs_and_the_role_moves_after_expiry(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """Two replicas on one database: B hands its transfers to A (the holder); A dies
+    without releasing; after the lease expires B takes the role and continues the chain,
+    sealing what was handed over meanwhile; A's stale lease seals nothing."""
+    now = [T0]
+
+    def replica(name: str) -> Sequencer:
+        return Sequencer(
+            sessions,
+            role=LeasedRole(sessions, name, ttl_s=10.0),
+            handoff=QueueHandoff(sessions, name, clock=lambda: now[0]),
+            clock=lambda: now[0],
+            poll_s=0.005,
+        )
+
+    a, b = replica("A"), replica("B")
+    assert await a.role.held(now[0]) and not await b.role.held(now[0])
+    a.start()
+    b.start()
+    try:
+        user = USERS[2]
+        first = await asyncio.gather(
+            *(b.submit(deposit(user, 1, f"b-{i}")) for i in range(50)),
+            *(a.submit(deposit(user, 1, f"a-{i}")) for i in range(50)),
+            b.submit(hold(user, "c-9", 1000, "b-too-much")),
+            return_exceptions=True,
+        )
+        assert all(isinstance(t, core.Transaction) for t in first[:100])
+        assert isinstance(first[100], PaymentRequired)  # refused, and only it
+        assert b.stats.handed_over == 51 and b.stats.batches == 0
+        assert a.stats.sealed == 100 and a.stats.refused == 1
+        # A dies (no release); B's transfers wait in the queue, durable.
+        assert a._task is not None
+        a._task.cancel()
+        stale = a.role.lease if isinstance(a.role, LeasedRole) else None
+        later = [asyncio.ensure_future(b.submit(deposit(user, 2, f"b2-{i}"))) for i in range(20)]
+        await asyncio.sleep(0.2)
+        assert not any(f.done() for f in later) and b.stats.handed_over == 71
+        now[0] += 11.0  # past A's lease
+        b._wake.set()
+        sealed = await asyncio.wait_for(asyncio.gather(*later), 30)
+        assert b.stats.holder_since == now[0]
+        top = max(t.seq for t in first if isinstance(t, core.Transaction))
+        assert sorted(t.seq for t in sealed) == list(range(top + 1, top + 21))
+        # The old holder's lease no longer guards anything.
+        assert stale is not None
+        async with sessions() as s:
+            assert not await leases.guard_role(
+                s, stale, action="seal", item_id="batch", now=now[0], record=False
+            )
+            await s.rollback()
+        # And the old holder, back, hands over instead of sealing.
+        a.start()
+        assert (await a.submit(deposit(user, 1, "a-back"))).seq == top + 21
+        assert a.stats.handed_over == 1
+    finally:
+        await a.stop()
+        await b.stop()
+    result = await _verified(sessions)
+    assert result.count == 100 + 20 + 1
+    async with sessions() as s:
+        assert await ledger.balance(s, core.user_account(user)) == (100 + 40 + 1) * MICRO
+        assert await s.scalar(select(func.count()).select_from(LedgerQueued)) == 0
 
 
 # --------------------------------------------------------------------------- the model

@@ -399,3 +399,34 @@ class AgentSession(Base):
     last_seen: Mapped[float] = mapped_column(Float)
     #: Where other replicas reach the holder (its advertised HTTP URL), for operators.
     address: Mapped[str] = mapped_column(String(255), default="")
+
+
+# --------------------------------------------------------------------------- ledger hand-off
+# (issue 11 §6; migration 0010). Transfers a replica without the sequencer role hands to
+# the holder (loom.coordinator.services.ledger_queue).
+
+
+class LedgerQueued(Base):
+    """One handed-over transfer: pending, then answered (sealed seq, or the refusal)."""
+
+    __tablename__ = "ledger_queue"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    submitted_by: Mapped[str] = mapped_column(String(128))
+    submitted_at: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(16))
+    #: the caller's own (private) idempotency key; the row is deleted once answered
+    idem_key: Mapped[str] = mapped_column(Text)
+    entries_json: Mapped[str] = mapped_column(Text)
+    meta_json: Mapped[str] = mapped_column(Text)
+    #: pending | sealed | refused
+    state: Mapped[str] = mapped_column(String(8), default="pending")
+    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    answered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (Index("ix_ledger_queue_state", "state", "id"),)

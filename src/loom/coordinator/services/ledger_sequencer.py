@@ -13,12 +13,14 @@ transaction, so a crash mid-batch leaves nothing half-written: the whole batch i
 none of it, and its callers (who got no answer) retry with the same idempotency keys.
 
 **The role.** With several replicas only one sequences at a time: the holder of the
-leased role ``ledger-sequencer`` (`Role`; `LeasedRole` is backed by `coordinator.leases`,
-`SoleRole` is the embedded single process). Correctness never depends on the role: every
-batch — and every `ledger.post` that must commit with other state (settlement's metering
-rows, a cluster's hold) — locks the same head row first, so a stale holder that still
-seals a batch after its lease expired only serializes behind the new one. The role only
-decides who drains the hand-off queue, so that replicas do not take turns on one lock.
+leased role ``ledger-sequencer`` (`Role`: `ledger_queue.LeasedRole` is backed by
+`coordinator.leases`; `SoleRole` is the embedded single process). Each batch transaction
+begins with the role's guard (the holder's token on the role row), so a holder that
+stalled past its lease has its batch rolled back. Correctness does not even depend on
+that: every batch — and every `ledger.post` that must commit with other state
+(settlement's metering rows, a cluster's hold) — locks the same head row first, so two
+appenders can only take turns. The role decides who drains the hand-off queue, so that
+replicas do not take turns on one lock.
 
 **Hand-off.** A replica that does not hold the role hands its transfers over through a
 `Handoff` — `ledger_queue.QueueHandoff`: a table of pending transfers the holder claims
@@ -50,9 +52,6 @@ from loom.core.ledger import Entry, Transaction
 
 log = logging.getLogger(__name__)
 
-ROLE = "ledger-sequencer"
-#: The lease on the role, and how long before its end the holder renews it.
-ROLE_TTL_S = 10.0
 DEFAULT_BATCH = 500
 
 
@@ -72,6 +71,10 @@ class Role(Protocol):
 
     async def held(self, now: float) -> bool: ...
 
+    async def guard(self, session: AsyncSession, now: float) -> bool:
+        """First statement of a batch transaction: False (roll back) if the role was lost."""
+        ...
+
     async def release(self) -> None: ...
 
 
@@ -79,6 +82,9 @@ class SoleRole:
     """The embedded coordinator: one process, always the sequencer."""
 
     async def held(self, now: float) -> bool:
+        return True
+
+    async def guard(self, session: AsyncSession, now: float) -> bool:
         return True
 
     async def release(self) -> None:
@@ -235,21 +241,24 @@ class Sequencer:
         if await self.role.held(now):
             if self.stats.holder_since is None:
                 self.stats.holder_since = now
-            worked = await self._seal_batch(now)
+            worked = await self._seal_batch(now, guarded=True)
         else:
             self.stats.holder_since = None
             if self.handoff is None:
-                worked = await self._seal_batch(now)  # still correct: the head lock
+                worked = await self._seal_batch(now, guarded=False)  # correct: the head lock
             elif self._local:
                 worked = await self._hand_over(now)
         if self._waiting and self.handoff is not None:
             worked = await self._collect() or worked
         return worked
 
-    async def _seal_batch(self, now: float) -> bool:
+    async def _seal_batch(self, now: float, *, guarded: bool) -> bool:
         local, self._local = self._local[: self.max_batch], self._local[self.max_batch :]
         try:
             async with self.sessions() as session:
+                if guarded and not await self.role.guard(session, now):
+                    self._local[:0] = local  # the role moved on: hand them over next round
+                    return False
                 claimed: list[tuple[int, Transfer | ServiceError]] = []
                 if self.handoff is not None and len(local) < self.max_batch:
                     claimed = await self.handoff.claim(session, self.max_batch - len(local))
