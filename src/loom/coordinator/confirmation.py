@@ -51,16 +51,14 @@ async def confirm_step(state: CoordinatorState) -> None:
     """One round over the clusters whose members may be billed."""
     async with state.session() as session:
         rows = await session.execute(
-            select(Member.cluster_id)
+            select(Member.cluster_id, Member.node_id)
             .join(Cluster, Cluster.id == Member.cluster_id)
-            .where(
-                Cluster.state.in_(CONFIRMED_STATES),
-                Member.state == MemberState.READY.value,
-                Member.node_id.in_(list(state.hub.connections)),
-            )
+            .where(Cluster.state.in_(CONFIRMED_STATES), Member.state == MemberState.READY.value)
             .distinct()
         )
-        cluster_ids = sorted(rows.scalars())
+        # Filtered here: an IN-list of every connected agent would grow with the network.
+        here = state.hub.connections
+        cluster_ids = sorted({cluster_id for cluster_id, node_id in rows if node_id in here})
     gate = asyncio.Semaphore(PARALLEL)
 
     async def one(cluster_id: str) -> None:

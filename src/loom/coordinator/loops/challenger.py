@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy import select
 
 from loom.coordinator.challenger import Challenger, Plan
+from loom.coordinator.db.batching import chunks
 from loom.coordinator.db.models import Device, Node
 from loom.coordinator.loops.isolation import isolated
 from loom.coordinator.services import verification as vsvc
@@ -54,14 +55,12 @@ async def challenger_step(
     if not connected:
         return {}
     async with state.session() as session:
-        nodes = {
-            n.id: n
-            for n in (
-                await session.execute(
-                    select(Node).where(Node.id.in_(connected), Node.state != NodeState.BANNED.value)
-                )
-            ).scalars()
-        }
+        nodes: dict[str, Node] = {}
+        for chunk in chunks(connected):  # bounded IN-lists, whatever the network's size
+            found = await session.execute(
+                select(Node).where(Node.id.in_(chunk), Node.state != NodeState.BANNED.value)
+            )
+            nodes.update({n.id: n for n in found.scalars()})
         devices = await vsvc.present_devices(session, list(nodes))
         hist = await vsvc.recent_history(session, [d.id for d in devices], now)
     plans: dict[str, Plan] = {}

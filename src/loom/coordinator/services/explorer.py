@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from loom.coordinator.db.batching import chunks
 from loom.coordinator.db.models import (
     Cluster,
     ClusterEvent,
@@ -291,15 +292,14 @@ def _node_row(node: Node, devices: Sequence[Device], reliability: float | None) 
 
 async def _devices_of(session: AsyncSession, node_ids: Sequence[str]) -> dict[str, list[Device]]:
     out: dict[str, list[Device]] = defaultdict(list)
-    if not node_ids:
-        return out
-    rows = await session.execute(
-        select(Device)
-        .where(Device.node_id.in_(list(node_ids)), Device.present.is_(True))
-        .order_by(Device.node_id, Device.kind.desc(), Device.idx)
-    )
-    for dev in rows.scalars():
-        out[dev.node_id].append(dev)
+    for chunk in chunks(node_ids):  # bounded IN-lists (db.batching)
+        rows = await session.execute(
+            select(Device)
+            .where(Device.node_id.in_(chunk), Device.present.is_(True))
+            .order_by(Device.node_id, Device.kind.desc(), Device.idx)
+        )
+        for dev in rows.scalars():
+            out[dev.node_id].append(dev)
     return out
 
 
@@ -447,9 +447,9 @@ def _cluster_row(
 
 async def _members_of(session: AsyncSession, ids: Sequence[str]) -> dict[str, list[Member]]:
     out: dict[str, list[Member]] = defaultdict(list)
-    if ids:
+    for chunk in chunks(ids):  # bounded IN-lists (db.batching)
         rows = await session.execute(
-            select(Member).where(Member.cluster_id.in_(list(ids))).order_by(Member.created_at)
+            select(Member).where(Member.cluster_id.in_(chunk)).order_by(Member.created_at)
         )
         for m in rows.scalars():
             out[m.cluster_id].append(m)
@@ -457,11 +457,11 @@ async def _members_of(session: AsyncSession, ids: Sequence[str]) -> dict[str, li
 
 
 async def _regions(session: AsyncSession, members: Sequence[Member]) -> dict[str, str]:
-    ids = sorted({m.node_id for m in members})
-    if not ids:
-        return {}
-    rows = await session.execute(select(Node.id, Node.region).where(Node.id.in_(ids)))
-    return {i: r for i, r in rows}
+    out: dict[str, str] = {}
+    for chunk in chunks(sorted({m.node_id for m in members})):  # bounded IN-lists
+        rows = await session.execute(select(Node.id, Node.region).where(Node.id.in_(chunk)))
+        out.update({i: r for i, r in rows})
+    return out
 
 
 async def clusters_list(session: AsyncSession, *, now: float, limit: int = 500) -> list[Json]:

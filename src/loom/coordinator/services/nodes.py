@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loom.coordinator.bus import publish_on
+from loom.coordinator.db.batching import chunks
 from loom.coordinator.db.models import Device, Node, NodeEvent
 from loom.coordinator.errors import BadRequest, NotFound
 from loom.coordinator.services.reliability import node_scores
@@ -255,13 +256,14 @@ async def list_nodes(
 
 async def devices_by_node(session: AsyncSession, ids: Sequence[str]) -> dict[str, list[Device]]:
     out: dict[str, list[Device]] = {}
-    if not ids:
-        return out
-    rows = await session.execute(
-        select(Device).where(Device.node_id.in_(ids), Device.present.is_(True)).order_by(Device.id)
-    )
-    for dev in rows.scalars():
-        out.setdefault(dev.node_id, []).append(dev)
+    for chunk in chunks(ids):  # bounded IN-lists: `loom node list` may name every node
+        rows = await session.execute(
+            select(Device)
+            .where(Device.node_id.in_(chunk), Device.present.is_(True))
+            .order_by(Device.id)
+        )
+        for dev in rows.scalars():
+            out.setdefault(dev.node_id, []).append(dev)
     return out
 
 
