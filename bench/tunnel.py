@@ -26,11 +26,19 @@ from typing import Any
 
 from loom.agent.config import AgentConfig
 from loom.agent.inventory import NoGpus
-from loom.agent.main import Agent
+from loom.agent.main import Agent, handler, handlers
 from loom.agent.tunnel import AgentTunnel
 from loom.agent.verification import ChallengeHandler
 from loom.client.forward import background_forward
 from loom.client.sdk import LoomClient
+from loom.protocol.commands import (
+    MemberStart,
+    MemberStarted,
+    MemberStop,
+    MemberStopped,
+    MemberSync,
+    MemberSynced,
+)
 from loom.protocol.identity import KeyPair
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -68,18 +76,23 @@ async def run_head(url: str, port: int, work: Path) -> None:
     )
     agent = Agent(config, node_key=KeyPair.generate(), owner_key=KeyPair.generate(), probe=NoGpus())
 
-    async def start(_args: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "gcs_address": "127.0.0.2:6379",
-            "dashboard_url": f"http://127.0.0.1:{port}",
-            "client_address": "",
-            "ray_node_id": "b" * 8,
-        }
+    async def start(_cmd: MemberStart) -> MemberStarted:
+        return MemberStarted(
+            gcs_address="127.0.0.2:6379",
+            dashboard_url=f"http://127.0.0.1:{port}",
+            client_address="",
+            ray_node_id="b" * 8,
+        )
 
-    async def ok(_args: dict[str, Any]) -> dict[str, Any]:
-        return {}
+    async def stop(_cmd: MemberStop) -> MemberStopped:
+        return MemberStopped(stopped=True)
 
-    agent.handlers.update({"member.start": start, "member.stop": ok, "member.sync": ok})
+    async def sync(_cmd: MemberSync) -> MemberSynced:
+        return MemberSynced()
+
+    agent.handlers.update(
+        handlers(handler(MemberStart, start), handler(MemberStop, stop), handler(MemberSync, sync))
+    )
     agent.handlers.update(ChallengeHandler(agent).handlers())
     tunnel = AgentTunnel(agent.send_bytes, lambda: {("127.0.0.1", port)})
     agent.on_binary = tunnel.on_frame

@@ -21,8 +21,17 @@ from typing import Any
 
 from loom.agent.config import AgentConfig
 from loom.agent.inventory import NoGpus
-from loom.agent.main import Agent
+from loom.agent.main import Agent, Handler, handler, handlers
 from loom.agent.tunnel import AgentTunnel
+from loom.protocol.commands import (
+    COMMANDS,
+    MemberStart,
+    MemberStarted,
+    MemberStop,
+    MemberStopped,
+    MemberSync,
+    MemberSynced,
+)
 from loom.protocol.identity import KeyPair, node_id_for
 
 CHUNK = bytes(range(256)) * 4096  # 1 MiB
@@ -32,17 +41,16 @@ def pattern(n: int) -> bytes:
     return (CHUNK * (n // len(CHUNK) + 1))[:n]
 
 
-async def _hang(_args: dict[str, Any]) -> dict[str, Any]:
+async def _hang(_cmd: Any) -> Any:
     await asyncio.Event().wait()
-    return {}
 
 
-class _Handlers(dict[str, Any]):
+class _Handlers(dict[str, Handler[Any]]):
     """Commands of the test agent; hardware challenges go unanswered (no prover here)."""
 
     def get(self, key: str, default: Any = None) -> Any:
-        if key.startswith("challenge."):
-            return _hang
+        if key.startswith("challenge.") and key in COMMANDS:
+            return handler(COMMANDS[key], _hang)
         return super().get(key, default)
 
 
@@ -69,7 +77,11 @@ class TunnelHead:
         )
         self.agent = Agent(config, node_key=self.node_key, owner_key=self.owner_key, probe=NoGpus())
         self.agent.handlers = _Handlers(
-            {"member.start": self._member_start, "member.stop": self._ok, "member.sync": self._ok}
+            handlers(
+                handler(MemberStart, self._member_start),
+                handler(MemberStop, self._stopped),
+                handler(MemberSync, self._synced),
+            )
         )
         self.allowed = {("127.0.0.1", self.dashboard_port), ("127.0.0.1", self.client_port)}
         self.tunnel = AgentTunnel(self.agent.send_bytes, lambda: set(self.allowed))
@@ -105,17 +117,20 @@ class TunnelHead:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
-    async def _ok(self, _args: dict[str, Any]) -> dict[str, Any]:
-        return {}
+    async def _stopped(self, _cmd: MemberStop) -> MemberStopped:
+        return MemberStopped(stopped=True)
 
-    async def _member_start(self, _args: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "gcs_address": "127.0.0.2:6379",
-            "dashboard_url": f"http://127.0.0.1:{self.dashboard_port}",
-            "client_address": f"ray://127.0.0.1:{self.client_port}",
-            "ray_node_id": "f" * 8,
-            "node_ip": "127.0.0.2",
-        }
+    async def _synced(self, _cmd: MemberSync) -> MemberSynced:
+        return MemberSynced()
+
+    async def _member_start(self, _cmd: MemberStart) -> MemberStarted:
+        return MemberStarted(
+            gcs_address="127.0.0.2:6379",
+            dashboard_url=f"http://127.0.0.1:{self.dashboard_port}",
+            client_address=f"ray://127.0.0.1:{self.client_port}",
+            ray_node_id="f" * 8,
+            node_ip="127.0.0.2",
+        )
 
     async def _start_servers(self) -> tuple[int, int]:
         dash = await asyncio.start_server(self._serve, "127.0.0.1", 0)

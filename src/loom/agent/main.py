@@ -13,15 +13,18 @@ import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import websockets
+from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from loom.agent.backoff import Backoff
 from loom.agent.config import AgentConfig
 from loom.agent.inventory import GpuProbe, LoadSampler, collect
+from loom.protocol.commands import AgentCommand, BadCommand, parse_as
 from loom.protocol.identity import KeyPair, agent_auth_message, binding_message
 from loom.protocol.messages import (
     CLOSE_AUTH_FAILED,
@@ -45,7 +48,33 @@ from loom.protocol.version import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
 
-CommandHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+C = TypeVar("C", bound=AgentCommand[Any])
+
+
+@dataclass(frozen=True)
+class Handler(Generic[C]):
+    """Serves one typed command (see :mod:`loom.protocol.commands`): ``fn`` gets the model."""
+
+    command: type[C]
+    fn: Callable[[C], Awaitable[BaseModel]]
+
+    def parse(self, args: dict[str, Any]) -> C:
+        return parse_as(self.command, args)
+
+    async def __call__(self, command: C) -> BaseModel:
+        return await self.fn(command)
+
+
+def handler(command: type[C], fn: Callable[[C], Awaitable[BaseModel]]) -> Handler[C]:
+    return Handler(command, fn)
+
+
+def handlers(*items: Handler[Any]) -> dict[str, Handler[Any]]:
+    """Wire name → handler, for ``Agent.handlers.update``."""
+    return {h.command.wire_name: h for h in items}
+
+
+CommandObserver = Callable[[AgentCommand[Any], bool], None]
 #: Close codes after which reconnecting cannot help.
 FATAL_CLOSE_CODES = {CLOSE_AUTH_FAILED, CLOSE_PROTOCOL_TOO_OLD, CLOSE_BANNED, CLOSE_BAD_MESSAGE}
 
@@ -72,7 +101,7 @@ class Agent:
         self.runtimes = runtimes or []
         self.protocol = protocol
         self.node_id: str | None = None
-        self.handlers: dict[str, CommandHandler] = {}
+        self.handlers: dict[str, Handler[Any]] = {}
         self.on_drain: list[Callable[[], Awaitable[None]]] = []
         self._stop = asyncio.Event()
         self._drained = False
@@ -88,7 +117,7 @@ class Agent:
         self.on_disconnect: list[Callable[[], Awaitable[None]]] = []
         # Observers (loom.agent.supplier_log): each session's welcome, each command's outcome.
         self.on_connected: list[Callable[[str, str], None]] = []
-        self.on_command: list[Callable[[str, dict[str, Any], bool], None]] = []
+        self.on_command: list[CommandObserver] = []
 
     # -- public -----------------------------------------------------------------------
 
@@ -255,19 +284,25 @@ class Agent:
             raise AgentRefused(f"coordinator closed the connection: {ws.close_reason}")
 
     async def _run_command(self, ws: ClientConnection, cmd: Command) -> None:
-        handler = self.handlers.get(cmd.name)
-        if handler is None:
+        serve = self.handlers.get(cmd.name)
+        command: AgentCommand[Any] | None = None
+        if serve is None:
             ack = Ack(id=cmd.id, ok=False, error=f"unknown command {cmd.name!r}")
         else:
             try:
-                result = await handler(cmd.args)
-                ack = Ack(id=cmd.id, ok=True, result=result)
+                command = parsed = serve.parse(cmd.args)
+                reply = await serve(parsed)
+                ack = Ack(id=cmd.id, ok=True, result=reply.model_dump(mode="json"))
+            except BadCommand as exc:
+                log.warning("refusing a malformed command: %s", exc)
+                ack = Ack(id=cmd.id, ok=False, error=f"BadCommand: {exc}"[:500])
             except Exception as exc:
                 log.exception("command %s failed", cmd.name)
                 ack = Ack(id=cmd.id, ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
-        for seen in self.on_command:
-            with contextlib.suppress(Exception):  # an observer never breaks a command
-                seen(cmd.name, cmd.args, ack.ok)
+        if command is not None:
+            for seen in self.on_command:
+                with contextlib.suppress(Exception):  # an observer never breaks a command
+                    seen(command, ack.ok)
         with contextlib.suppress(ConnectionClosed):
             await ws.send(ack.model_dump_json())
 

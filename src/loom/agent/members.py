@@ -1,9 +1,10 @@
 """The agent's cluster members: turn coordinator commands into Ray nodes in sandboxes.
 
-Commands (each answered by an ack; repeating one for the same member is a no-op):
+Commands (typed: :mod:`loom.protocol.commands`; each answered by an ack; repeating one
+for the same member is a no-op):
 
 - ``member.start`` {cluster_id, member_id, role, token, head_address, num_cpus,
-  gpu_indices, env} → starts the member's Ray node and acks only once the node is
+  gpu_indices, env, overlay} → starts the member's Ray node and acks only once the node is
   registered with the head: {gcs_address, dashboard_url, client_address, ray_node_id}.
 - ``member.stop`` {member_id} → stops the whole process tree and removes its files.
 - ``member.sync`` {members: [ids]} → stops every local member not in the list (after a
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from loom.agent.main import Handler, handler, handlers
 from loom.agent.netns import MemberNet, NetnsError, NetnsManager
 from loom.agent.overlay import MemberOverlay, OverlayError
 from loom.agent.raynode import (
@@ -38,8 +40,17 @@ from loom.agent.raynode import (
 )
 from loom.agent.raynode_spec import MemberPaths, member_short_id
 from loom.agent.runtimes import Runtime
-from loom.protocol.overlay import OverlayError as GrantError
-from loom.protocol.overlay import grant_from_args
+from loom.protocol.commands import (
+    MemberSeen,
+    MemberSeenReply,
+    MemberStart,
+    MemberStarted,
+    MemberStop,
+    MemberStopped,
+    MemberSync,
+    MemberSynced,
+)
+from loom.protocol.overlay import OverlayGrant
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +86,21 @@ class MemberManager:
         self.node_ip = node_ip
         self.ports = ports or PortAllocator()
         self.nodes: dict[str, RayNode] = {}
-        self.info: dict[str, dict[str, Any]] = {}
-        self._starting: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self.info: dict[str, MemberStarted] = {}
+        self._starting: dict[str, asyncio.Task[MemberStarted]] = {}
         self._health_task: asyncio.Task[None] | None = None
         self._watchers: dict[str, asyncio.Task[None]] = {}
         #: The last GCS probe of each member (monotonic time, result): `member.seen` and
         #: the health loop share it, so confirming others costs no extra probes.
         self._probed: dict[str, tuple[float, NodeHealth]] = {}
 
-    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]:
-        return {
-            "member.start": self.start,
-            "member.stop": self.stop,
-            "member.sync": self.sync,
-            "member.seen": self.seen,
-        }
+    def handlers(self) -> dict[str, Handler[Any]]:
+        return handlers(
+            handler(MemberStart, self.start),
+            handler(MemberStop, self.stop),
+            handler(MemberSync, self.sync),
+            handler(MemberSeen, self.seen),
+        )
 
     async def cleanup_leftovers(self) -> list[str]:
         """Remove members left by a previous agent process (crash, SIGKILL)."""
@@ -103,40 +114,37 @@ class MemberManager:
         if self._health_task is None:
             self._health_task = asyncio.create_task(self._health_loop())
 
-    async def start(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def start(self, cmd: MemberStart) -> MemberStarted:
         received_at = time.time()
-        member_id = str(args["member_id"])
+        member_id = cmd.member_id
         if member_id in self.info:
-            return {**self.info[member_id], "received_at": received_at}
+            return self.info[member_id].model_copy(update={"received_at": received_at})
         task = self._starting.get(member_id)
         if task is None:
-            task = asyncio.create_task(self._start(args))
+            task = asyncio.create_task(self._start(cmd))
             self._starting[member_id] = task
         try:
-            return {**(await asyncio.shield(task)), "received_at": received_at}
+            started = await asyncio.shield(task)
+            return started.model_copy(update={"received_at": received_at})
         finally:
             if task.done():
                 self._starting.pop(member_id, None)
 
-    async def _start(self, args: dict[str, Any]) -> dict[str, Any]:
-        gpu = tuple(int(i) for i in args.get("gpu_indices") or ())
+    async def _start(self, cmd: MemberStart) -> MemberStarted:
         spec = RayNodeSpec(
-            cluster_id=str(args["cluster_id"]),
-            member_id=str(args["member_id"]),
-            role=args["role"],
-            token=str(args["token"]),
+            cluster_id=cmd.cluster_id,
+            member_id=cmd.member_id,
+            role=cmd.role,
+            token=cmd.token,
             base_dir=self.base_dir,
-            head_address=args.get("head_address") or None,
-            num_cpus=int(args.get("num_cpus") or 1),
-            gpu_indices=gpu,
-            env={str(k): str(v) for k, v in (args.get("env") or {}).items()},
+            head_address=cmd.head_address or None,
+            num_cpus=cmd.num_cpus,
+            gpu_indices=tuple(cmd.gpu_indices),
+            env=dict(cmd.env),
             node_ip=self.node_ip,
-            include_dashboard=args["role"] == "head",
+            include_dashboard=cmd.role == "head",
         )
-        try:
-            grant = grant_from_args(args)
-        except GrantError as exc:
-            raise RayNodeError(str(exc)) from None
+        grant = cmd.overlay
         if self.netns is not None:
             try:
                 net = await asyncio.to_thread(
@@ -167,13 +175,13 @@ class MemberManager:
             with contextlib.suppress(Exception):
                 await self._stop_node(spec.member_id, node)
             raise RayNodeError(f"{exc}") from None
-        result = {
-            "gcs_address": info.gcs_address,
-            "dashboard_url": info.dashboard_url or "",
-            "client_address": info.client_address or "",
-            "ray_node_id": info.node_id,
-            "node_ip": info.node_ip,
-        }
+        result = MemberStarted(
+            gcs_address=info.gcs_address,
+            dashboard_url=info.dashboard_url or "",
+            client_address=info.client_address or "",
+            ray_node_id=info.node_id,
+            node_ip=info.node_ip,
+        )
         self.info[spec.member_id] = result
         watcher = asyncio.create_task(self._watch(spec.member_id, node))
         self._watchers[spec.member_id] = watcher
@@ -194,8 +202,8 @@ class MemberManager:
             await self._stop_node(member_id, node)
         await self.report("member.lost", {"member_id": member_id, "reason": reason})
 
-    async def stop(self, args: dict[str, Any]) -> dict[str, Any]:
-        member_id = str(args["member_id"])
+    async def stop(self, cmd: MemberStop) -> MemberStopped:
+        member_id = cmd.member_id
         task = self._starting.pop(member_id, None)
         if task is not None and not task.done():
             task.cancel()
@@ -208,9 +216,11 @@ class MemberManager:
         if watcher is not None:
             watcher.cancel()
         await self._stop_node(member_id, node)
-        return {"stopped": node is not None}
+        return MemberStopped(stopped=node is not None)
 
-    async def _join_overlay(self, spec: RayNodeSpec, net: MemberNet, grant: Any) -> RayNodeSpec:
+    async def _join_overlay(
+        self, spec: RayNodeSpec, net: MemberNet, grant: OverlayGrant
+    ) -> RayNodeSpec:
         """Start the member's Nebula in its namespace; the Ray node binds the overlay IP."""
         assert self.netns is not None
         where = MemberPaths.for_spec(spec).root / "nebula"  # hidden from the sandbox
@@ -240,29 +250,29 @@ class MemberManager:
             if net is not None and self.netns is not None:
                 await asyncio.to_thread(self.netns.destroy, net)
 
-    async def sync(self, args: dict[str, Any]) -> dict[str, Any]:
-        wanted = {str(m) for m in args.get("members") or []}
+    async def sync(self, cmd: MemberSync) -> MemberSynced:
+        wanted = set(cmd.members)
         stopped = []
         for member_id in list(self.nodes):
             if member_id not in wanted:
-                await self.stop({"member_id": member_id})
+                await self.stop(MemberStop(member_id=member_id))
                 stopped.append(member_id)
-        return {"stopped": stopped, "running": sorted(self.info)}
+        return MemberSynced(stopped=stopped, running=sorted(self.info))
 
-    async def seen(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def seen(self, cmd: MemberSeen) -> MemberSeenReply:
         """The Ray node ids the head's GCS lists ALIVE, as this member's node sees them.
 
         The coordinator uses the answer to confirm the cluster's *other* members (billing
         only counts time that someone other than a member's own agent vouched for).
         """
-        member_id = str(args.get("member_id", ""))
+        member_id = cmd.member_id
         node = self.nodes.get(member_id)
         if node is None or member_id not in self.info:
             raise RayNodeError(f"member {member_id} is not running here")
         health = await self._probe(member_id, node, max_age=SEEN_MAX_AGE_S)
         if not health.healthy:
             raise RayNodeError(health.detail or "the Ray node is not healthy")
-        return {"alive": list(health.alive_ids)}
+        return MemberSeenReply(alive=list(health.alive_ids))
 
     async def _probe(self, member_id: str, node: RayNode, *, max_age: float) -> NodeHealth:
         """The member's GCS probe, reusing one younger than ``max_age`` seconds."""
@@ -280,7 +290,8 @@ class MemberManager:
                 await self._health_task
             self._health_task = None
         await asyncio.gather(
-            *(self.stop({"member_id": m}) for m in list(self.nodes)), return_exceptions=True
+            *(self.stop(MemberStop(member_id=m)) for m in list(self.nodes)),
+            return_exceptions=True,
         )
 
     async def _health_loop(self) -> None:
@@ -304,8 +315,8 @@ class MemberManager:
             node = self.nodes.get(member_id)
             if node is None or node.spec.role != "head":
                 continue
-            for address in (info.get("dashboard_url"), info.get("client_address")):
-                parts = urlsplit(str(address or ""))
+            for address in (info.dashboard_url, info.client_address):
+                parts = urlsplit(address)
                 if parts.hostname and parts.port:
                     allowed.add((parts.hostname, parts.port))
         return allowed

@@ -23,6 +23,8 @@ from typing import Any
 
 import httpx
 
+from loom.protocol.commands import AgentCommand, MemberStart, MemberStop
+
 log = logging.getLogger("loom.supplier")
 
 STATUS_FILE = "status.json"
@@ -70,13 +72,11 @@ class SupplierLog:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._watch())
 
-    def command(self, name: str, args: dict[str, Any], ok: bool) -> None:
+    def command(self, command: AgentCommand[Any], ok: bool) -> None:
         if not ok:
             return
-        member = str(args.get("member_id", ""))
-        if name == "member.start":
-            cluster = str(args.get("cluster_id", ""))
-            role = str(args.get("role", ""))
+        if isinstance(command, MemberStart):
+            cluster, member, role = command.cluster_id, command.member_id, command.role
             self.clusters[cluster] = role
             self.members[member] = cluster
             price = f" at {self.price} credits/device-hour" if self.price else ""
@@ -84,11 +84,12 @@ class SupplierLog:
                 "allocated: cluster %s as %s (%s cpu)%s",
                 cluster,
                 role,
-                args.get("num_cpus", 1),
+                command.num_cpus,
                 price,
             )
-        elif name == "member.stop":
-            cluster = self.members.pop(member, str(args.get("cluster_id", "")))
+        elif isinstance(command, MemberStop):
+            member = command.member_id
+            cluster = self.members.pop(member, "")
             if cluster and cluster not in self.members.values():
                 self.clusters.pop(cluster, None)
             log.info("released: cluster %s (member %s stopped)", cluster or "?", member)

@@ -24,10 +24,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loom.agent.main import Agent, CommandHandler
+from loom.agent.main import Agent, Handler, handler, handlers
 from loom.agent.prover import NumpyProver, Prover, ProverError, Signer, TorchProver
 from loom.agent.prover import cuda_available as _cuda_available
-from loom.core.challenge import ChallengeSpec, ChallengeStart, NonceRelease, OpeningsRequest
+from loom.core.challenge import ChallengeSpec, OpeningsResponse
+from loom.protocol.commands import (
+    ChallengeAbort,
+    ChallengeAborted,
+    ChallengeAccepted,
+    ChallengeNonce,
+    ChallengeOpen,
+    ChallengeStart,
+    NonceTaken,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +78,17 @@ class ChallengeHandler:
         self._max_runs = max_runs
         self._runs: dict[bytes, _Run] = {}
 
-    def handlers(self) -> dict[str, CommandHandler]:
-        return {
-            "challenge.start": self.start,
-            "challenge.nonce": self.nonce,
-            "challenge.open": self.open,
-            "challenge.abort": self.abort,
-        }
+    def handlers(self) -> dict[str, Handler[Any]]:
+        return handlers(
+            handler(ChallengeStart, self.start),
+            handler(ChallengeNonce, self.nonce),
+            handler(ChallengeOpen, self.open),
+            handler(ChallengeAbort, self.abort),
+        )
 
     # ------------------------------------------------------------------ commands
-    async def start(self, args: dict[str, Any]) -> dict[str, Any]:
-        start = ChallengeStart.model_validate(args)
+    async def start(self, cmd: ChallengeStart) -> ChallengeAccepted:
+        start = cmd.message()
         spec = start.spec
         for cid, run in list(self._runs.items()):  # a new challenge replaces an old one
             if run.prover.spec.device_id == spec.device_id:
@@ -91,33 +100,28 @@ class ChallengeHandler:
         run = _Run(prover, deadline=time.monotonic() + spec.params.hard_timeout_s)
         self._runs[spec.challenge_id] = run
         run.task = asyncio.create_task(self._drive(spec.challenge_id, run))
-        return {"backend": prover.backend, "device": spec.device_id}
+        return ChallengeAccepted(backend=prover.backend, device=spec.device_id)
 
-    async def nonce(self, args: dict[str, Any]) -> dict[str, Any]:
-        release = NonceRelease.model_validate(args)
+    async def nonce(self, cmd: ChallengeNonce) -> NonceTaken:
+        release = cmd.message()
         run = self._runs.get(release.challenge_id)
         if run is None:
-            return {"known": False}
+            return NonceTaken(known=False)
         run.prover.add_nonce(release)
         run.wake.set()
-        return {"known": True}
+        return NonceTaken(known=True)
 
-    async def open(self, args: dict[str, Any]) -> dict[str, Any]:
-        request = OpeningsRequest.model_validate(args)
+    async def open(self, cmd: ChallengeOpen) -> OpeningsResponse:
+        request = cmd.message()
         run = self._runs.get(request.challenge_id)
         if run is None:
             raise ProverError("no such challenge here (expired or never started)")
         if not run.prover.done:
             raise ProverError("openings requested before the last round was committed")
-        response = await asyncio.to_thread(run.prover.answer, request)
-        return response.model_dump(mode="json")
+        return await asyncio.to_thread(run.prover.answer, request)
 
-    async def abort(self, args: dict[str, Any]) -> dict[str, Any]:
-        try:
-            cid = bytes.fromhex(str(args.get("challenge_id", "")))
-        except ValueError:
-            return {"dropped": False}
-        return {"dropped": self._drop(cid)}
+    async def abort(self, cmd: ChallengeAbort) -> ChallengeAborted:
+        return ChallengeAborted(dropped=self._drop(cmd.challenge_id))
 
     # ------------------------------------------------------------------ internals
     def _prover_for(self, spec: ChallengeSpec) -> Prover:

@@ -49,7 +49,6 @@ from loom.core.challenge import (
     ChallengeStateError,
     Opening,
     OpeningsRequest,
-    OpeningsResponse,
     RootCommit,
     SessionState,
     VerifierSession,
@@ -57,6 +56,7 @@ from loom.core.challenge import (
     params_for,
 )
 from loom.core.models import DeviceState, NodeState
+from loom.protocol.commands import ChallengeNonce, ChallengeOpen, ChallengeStart
 from loom.protocol.messages import CLOSE_BANNED, Report
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class Challenger:
             return
         if release is not None:
             with contextlib.suppress(Exception):
-                await active.conn.notify("challenge.nonce", release.model_dump(mode="json"))
+                await self.state.agents.challenge_nonce(node_id, ChallengeNonce.of(release))
         if active.session.state is not SessionState.AWAITING_ROOTS:
             active.settled.set()
 
@@ -272,9 +272,7 @@ class Challenger:
             self._busy_devices.discard(device_id)
             if not conn.closed:
                 with contextlib.suppress(Exception):
-                    await conn.notify(
-                        "challenge.abort", {"challenge_id": session.challenge_id.hex()}
-                    )
+                    await self.state.agents.challenge_abort(conn.node_id, session.challenge_id)
         duration = time.monotonic() - t0
         verdict = await self._record(
             conn, device_id, model, result, outcome, trigger, started_wall, duration
@@ -285,10 +283,8 @@ class Challenger:
         session, conn = active.session, active.conn
         start = session.start(now=time.monotonic())
         try:
-            await conn.call(
-                "challenge.start",
-                start.model_dump(mode="json"),
-                timeout=self.config.start_timeout_s,
+            await self.state.agents.challenge_start(
+                conn.node_id, ChallengeStart.of(start), timeout=self.config.start_timeout_s
             )
         except AgentNotConnected:
             return session.abort("agent disconnected before the challenge started"), "error"
@@ -313,16 +309,11 @@ class Challenger:
         openings: list[Opening] = []
         for batch in openings_batches(request, session.params):
             try:
-                ack = await conn.call(
-                    "challenge.open",
-                    batch.model_dump(mode="json"),
-                    timeout=self.config.open_timeout_s,
+                answer = await self.state.agents.challenge_open(
+                    conn.node_id, ChallengeOpen.of(batch), timeout=self.config.open_timeout_s
                 )
-                answer = OpeningsResponse.model_validate(ack.result)
             except (AgentNotConnected, CommandFailed) as exc:
                 return session.abort(f"openings not answered: {exc}"), "failed"
-            except ValidationError as exc:
-                return session.abort(f"protocol: malformed openings ({exc.errors()[0]})"), "failed"
             if answer.challenge_id != session.challenge_id:
                 return session.abort("openings answered for another challenge id"), "failed"
             openings.extend(answer.openings)

@@ -103,18 +103,16 @@ async def confirm_cluster(state: CoordinatorState, cluster_id: str) -> list[str]
 
 async def _ask(state: CoordinatorState, cluster_id: str, reporter: Member) -> set[str]:
     """Ask `reporter`'s agent which Ray nodes its GCS lists ALIVE; apply the answer."""
-    conn = state.hub.connections.get(reporter.node_id)
-    if conn is None:
+    if not state.agents.reachable(reporter.node_id):
         return set()
     try:
-        ack = await conn.call("member.seen", {"member_id": reporter.id}, timeout=SEEN_TIMEOUT_S)
+        seen = await state.agents.member_seen(
+            reporter.node_id, reporter.id, timeout=SEEN_TIMEOUT_S
+        )
     except (AgentNotConnected, CommandFailed) as exc:
         log.info("member.seen from %s: %s", reporter.node_id, exc)
         return set()
-    alive = ack.result.get("alive")
-    if not isinstance(alive, list):
-        return set()
-    ids = [str(a)[:64] for a in alive[:10_000]]
+    ids = [str(a)[:64] for a in seen.alive[:10_000]]
     async with state.session() as session:
         done = await svc.apply_seen(
             session, cluster_id, reporter.id, reporter.node_id, ids, time.time()

@@ -146,11 +146,10 @@ async def on_node_connected(state: CoordinatorState, node_id: str) -> None:
             )
         )
         wanted = list(rows.scalars())
-    conn = state.hub.connections.get(node_id)
-    if conn is None:
+    if not state.agents.reachable(node_id):
         return
     try:
-        await conn.call("member.sync", {"members": wanted}, timeout=60)
+        await state.agents.member_sync(node_id, wanted)
     except (AgentNotConnected, CommandFailed) as exc:
         log.warning("member.sync with %s failed: %s", node_id, exc)
 

@@ -1,6 +1,7 @@
 """The coordinator's live view of connected agents: one `AgentConnection` per node.
 
-Commands go down with an id and come back as an `ack`; `call` awaits it. Facts that
+Commands go down with an id and come back as an `ack`; `request` awaits it (callers use
+the typed `loom.coordinator.agent_client.AgentClient`, which sits on top). Facts that
 agents report are handed to registered handlers (the cluster and challenge services
 plug in here) so this module knows nothing of clusters.
 """
@@ -9,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from loom.coordinator.services.heartbeats import HeartbeatBuffer
-from loom.protocol.messages import CLOSE_REPLACED, Ack, Command, Report
+from loom.protocol.messages import CLOSE_REPLACED, Ack, Report
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +55,28 @@ class AgentConnection:
         async with self.lock:
             await self.ws.send_text(text)
 
-    async def call(
-        self, name: str, args: dict[str, Any] | None = None, *, timeout: float = 30.0
-    ) -> Ack:
-        """Send a command and wait for its ack; raises CommandFailed on a negative ack."""
-        cmd = Command(id=secrets.token_hex(8), name=name, args=args or {})
+    async def request(self, name: str, args_json: str, *, timeout: float) -> Ack:
+        """Send command ``name`` (``args_json``: its args as JSON text) and await its ack.
+
+        The transport under ``AgentClient`` (use that: it types the command and reply).
+        Raises CommandFailed when no ack comes in ``timeout`` s; a negative ack is returned.
+        """
+        cmd_id = secrets.token_hex(8)
         fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
-        self.pending[cmd.id] = fut
+        self.pending[cmd_id] = fut
         try:
-            await self.send_text(cmd.model_dump_json())
-            ack = await asyncio.wait_for(fut, timeout)
+            await self.send_text(_command_frame(cmd_id, name, args_json))
+            return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise CommandFailed(
                 f"{name}: no answer from node {self.node_id} in {timeout:g} s"
             ) from None
         finally:
-            self.pending.pop(cmd.id, None)
-        if not ack.ok:
-            raise CommandFailed(f"{name} on node {self.node_id}: {ack.error}")
-        return ack
+            self.pending.pop(cmd_id, None)
 
-    async def notify(self, name: str, args: dict[str, Any] | None = None) -> None:
-        """Send a command without waiting for its ack (its ack, if any, is ignored)."""
-        cmd = Command(id=secrets.token_hex(8), name=name, args=args or {})
-        await self.send_text(cmd.model_dump_json())
+    async def post(self, name: str, args_json: str) -> None:
+        """Send command ``name`` without waiting for its ack (its ack is ignored)."""
+        await self.send_text(_command_frame(secrets.token_hex(8), name, args_json))
 
     def resolve(self, ack: Ack) -> None:
         fut = self.pending.get(ack.id)
@@ -90,6 +90,13 @@ class AgentConnection:
         self.pending.clear()
 
 
+def _command_frame(cmd_id: str, name: str, args_json: str) -> str:
+    """A ``Command`` frame around args that are already JSON (no re-encoding)."""
+    return (
+        f'{{"type":"command","id":"{cmd_id}","name":{json.dumps(name)},"args":{args_json}}}'
+    )
+
+
 class AgentHub:
     def __init__(self) -> None:
         self.connections: dict[str, AgentConnection] = {}
@@ -97,7 +104,6 @@ class AgentHub:
         self.report_handlers: dict[str, list[ReportHandler]] = {}
         self.on_connect: list[NodeHook] = []
         self.on_offline: list[NodeHook] = []
-
     async def attach(self, node_id: str, ws: Sender, now: float) -> AgentConnection:
         old = self.connections.get(node_id)
         conn = AgentConnection(node_id=node_id, ws=ws, connected_at=now)
@@ -143,3 +149,4 @@ class AgentHub:
                 await hook(node_id)
             except Exception:
                 log.exception("node hook failed for %s", node_id)
+

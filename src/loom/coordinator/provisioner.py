@@ -30,6 +30,7 @@ from loom.coordinator.services.allocation import ReservationConflict
 from loom.coordinator.state import CoordinatorState
 from loom.core.models import ClusterState, MemberState
 from loom.core.placement import PlacementFailure
+from loom.protocol.commands import MemberStart
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +43,18 @@ class MemberStartFailed(RuntimeError):
     pass
 
 
-def start_args(cluster: Cluster, member: Member, spec_env: dict[str, str]) -> dict[str, Any]:
+def start_args(cluster: Cluster, member: Member, spec_env: dict[str, str]) -> MemberStart:
     gpu = [int(i) for i in member.gpu_indices.split(",") if i]
-    return {
-        "cluster_id": cluster.id,
-        "member_id": member.id,
-        "role": member.role,
-        "token": cluster.ray_token,
-        "head_address": cluster.head_address or None,
-        "num_cpus": member.units if member.model == "cpu" else 1,
-        "gpu_indices": gpu,
-        "env": spec_env,
-    }
+    return MemberStart(
+        cluster_id=cluster.id,
+        member_id=member.id,
+        role="head" if member.role == "head" else "worker",
+        token=cluster.ray_token,
+        head_address=cluster.head_address or None,
+        num_cpus=member.units if member.model == "cpu" else 1,
+        gpu_indices=gpu,
+        env=spec_env,
+    )
 
 
 async def start_member(state: CoordinatorState, cluster_id: str, member_id: str) -> dict[str, Any]:
@@ -70,17 +71,17 @@ async def start_member(state: CoordinatorState, cluster_id: str, member_id: str)
     args = await overlay_service.grant_args(state, args, cluster_id, member_id, ends_at)
     sent_at = time.time()
     try:
-        conn = state.hub.get(node_id)
-        ack = await conn.call("member.start", args, timeout=MEMBER_START_TIMEOUT_S)
+        started = await state.agents.member_start(node_id, args, timeout=MEMBER_START_TIMEOUT_S)
     except (AgentNotConnected, CommandFailed) as exc:
         raise MemberStartFailed(str(exc)) from None
     now = time.time()
-    received = ack.result.get("received_at")
-    if isinstance(received, int | float):
+    result: dict[str, Any] = started.model_dump()
+    received = started.received_at
+    if received is not None:
         # Same clock only when agent and coordinator share a machine; clamp skew away.
-        ack.result["delivery_s"] = max(0.0, min(float(received) - sent_at, now - sent_at))
-    ack.result["start_s"] = now - sent_at
-    ray_node_id = str(ack.result.get("ray_node_id", ""))[:64]
+        result["delivery_s"] = max(0.0, min(received - sent_at, now - sent_at))
+    result["start_s"] = now - sent_at
+    ray_node_id = started.ray_node_id[:64]
     async with state.session() as session:
         member = await session.get(Member, member_id)
         assert member is not None
@@ -93,7 +94,7 @@ async def start_member(state: CoordinatorState, cluster_id: str, member_id: str)
         await session.commit()
     if role != "head":  # the head is asked once its addresses are stored (provision)
         confirm_soon(state, cluster_id)
-    return ack.result
+    return result
 
 
 def confirm_soon(state: CoordinatorState, cluster_id: str) -> None:
@@ -116,10 +117,9 @@ async def fail_member(state: CoordinatorState, member_id: str, reason: str) -> s
         await cluster_service.end_member(session, member, MemberState.LOST, reason, time.time())
         await session.commit()
     # Best effort: make sure nothing of it lingers on the node.
-    conn = state.hub.connections.get(node_id)
-    if conn is not None:
+    if state.agents.reachable(node_id):
         try:
-            await conn.call("member.stop", {"member_id": member_id}, timeout=MEMBER_STOP_TIMEOUT_S)
+            await state.agents.member_stop(node_id, member_id, timeout=MEMBER_STOP_TIMEOUT_S)
         except (AgentNotConnected, CommandFailed) as exc:
             log.warning("could not stop failed member %s: %s", member_id, exc)
     return node_id
@@ -276,11 +276,10 @@ async def teardown(
         await session.commit()
 
     async def stop_one(member: Member) -> None:
-        conn = state.hub.connections.get(member.node_id)
-        if conn is not None:
+        if state.agents.reachable(member.node_id):
             try:
-                await conn.call(
-                    "member.stop", {"member_id": member.id}, timeout=MEMBER_STOP_TIMEOUT_S
+                await state.agents.member_stop(
+                    member.node_id, member.id, timeout=MEMBER_STOP_TIMEOUT_S
                 )
             except (AgentNotConnected, CommandFailed) as exc:
                 log.warning(

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from loom.coordinator.agent_client import AgentClient
 from loom.coordinator.config import Settings
 from loom.coordinator.hub import AgentHub
 from loom.coordinator.metrics import count_loop_item_error
@@ -25,6 +26,8 @@ class CoordinatorState:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     hub: AgentHub = field(default_factory=AgentHub)
+    #: Typed commands to agents (over ``hub``; a replica may route them elsewhere).
+    agents: AgentClient = field(init=False)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     background: set[asyncio.Task[None]] = field(default_factory=set)
     driving: set[str] = field(default_factory=set)
@@ -35,6 +38,9 @@ class CoordinatorState:
     started_at: float = 0.0
     #: The long-lived placement index (``placement_index``), set up by the app factory.
     placement: PlacementIndex | None = None
+
+    def __post_init__(self) -> None:
+        self.agents = AgentClient(self.hub)
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:

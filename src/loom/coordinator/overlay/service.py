@@ -22,8 +22,8 @@ from loom.coordinator.overlay.authority import (
 )
 from loom.coordinator.overlay.lighthouse import Lighthouse, nebula_binary
 from loom.protocol.api import ClusterOut
+from loom.protocol.commands import MemberStart
 from loom.protocol.messages import Report
-from loom.protocol.overlay import grant_to_args
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,14 @@ def current(state: Any) -> Overlay | None:
 
 
 async def grant_args(
-    state: Any, args: dict[str, Any], cluster_id: str, member_id: str, ends_at: float | None
-) -> dict[str, Any]:
-    """``member.start`` args with the member's overlay grant (unchanged when off)."""
+    state: Any, command: MemberStart, cluster_id: str, member_id: str, ends_at: float | None
+) -> MemberStart:
+    """``member.start`` with the member's overlay grant (unchanged when off)."""
     overlay = current(state)
     if overlay is None:
-        return args
+        return command
     grant = await asyncio.to_thread(overlay.authority.grant, cluster_id, member_id, ends_at)
-    return grant_to_args(args, grant)
+    return command.model_copy(update={"overlay": grant})
 
 
 def release(state: Any, cluster_id: str) -> None:
