@@ -31,6 +31,7 @@ from loom.coordinator.placement_index import REFRESH_S as PLACEMENT_REFRESH_S
 from loom.coordinator.placement_index import RESYNC_S as PLACEMENT_RESYNC_S
 from loom.coordinator.placement_index import PlacementIndex
 from loom.coordinator.services.confirmation import CONFIRM_INTERVAL_S
+from loom.coordinator.services.ledger_queue import sequencer_for
 from loom.coordinator.services.lifecycle import activate_on_connect
 from loom.coordinator.state import CoordinatorState
 from loom.protocol.events import NodePresence
@@ -42,6 +43,12 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> FastAPI:
     engine = create_engine(settings.db_url)
     state = CoordinatorState(settings=settings, engine=engine, sessions=session_factory(engine))
+    # Deposits are sealed in batches by the ledger's one sequencer (a leased role with
+    # replicas; others hand their transfers over through the ledger_queue table).
+    ledger_seq = sequencer_for(
+        state.sessions, replicated=bool(settings.bus_url), owner=settings.replica_id
+    )
+    state.ledger = ledger_seq
     # Change events (loom.protocol.events) from every session to the placement index.
     bus = EventBus()
     state.sessions.configure(info={BUS_KEY: bus})
@@ -73,6 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await migrate(engine)
+        ledger_seq.start()
         # The placement index first (before the first request; then events and resyncs):
         # its rows are long-lived too, and frozen with the rest below.
         await placement.load()
@@ -110,6 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             await state.stop_loops()
+            await ledger_seq.stop()
             try:
                 await flush_heartbeats(state)
             finally:

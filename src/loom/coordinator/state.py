@@ -16,6 +16,7 @@ from loom.coordinator.config import Settings
 from loom.coordinator.hub import AgentHub
 from loom.coordinator.metrics import count_loop_item_error
 from loom.coordinator.placement_index import PlacementIndex
+from loom.coordinator.services.ledger_sequencer import Sequencer
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class CoordinatorState:
     started_at: float = 0.0
     #: The long-lived placement index (``placement_index``), set up by the app factory.
     placement: PlacementIndex | None = None
+    #: The ledger's sequencer (``services.ledger_sequencer``), set up by the app factory.
+    ledger: Sequencer | None = None
 
     def __post_init__(self) -> None:
         self.agents = AgentClient(self.hub)

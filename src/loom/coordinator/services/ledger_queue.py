@@ -33,6 +33,7 @@ from loom.coordinator.db.models import LedgerEntry, LedgerQueued, LedgerTransact
 from loom.coordinator.errors import BadRequest, Conflict, PaymentRequired, ServiceError
 from loom.coordinator.services import ledger_privacy as privacy
 from loom.coordinator.services import ledger_write as write
+from loom.coordinator.services.ledger_sequencer import Sequencer
 from loom.coordinator.services.ledger_write import Result, Transfer
 from loom.core import ledger as core
 from loom.core.ledger import Transaction
@@ -249,3 +250,15 @@ async def _transactions(session: AsyncSession, seqs: set[int]) -> dict[int, Tran
             legs = [(names.get(a, a), m) for a, m in entries.get(seq, ())]
             out[seq] = write.txn_of(row, core.canonical_entries(legs))
     return out
+
+
+def sequencer_for(
+    sessions: async_sessionmaker[AsyncSession], *, replicated: bool, owner: str
+) -> Sequencer:
+    """The coordinator's sequencer: leased role and hand-off queue with replicas, else the
+    embedded single process (which seals everything itself)."""
+    if not replicated:
+        return Sequencer(sessions)
+    return Sequencer(
+        sessions, role=LeasedRole(sessions, owner), handoff=QueueHandoff(sessions, owner)
+    )

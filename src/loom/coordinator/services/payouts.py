@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from loom.coordinator.errors import BadRequest, Forbidden, PaymentRequired
 from loom.coordinator.services import ledger
+from loom.coordinator.services.ledger_sequencer import Sequencer
 from loom.core import ledger as core
 from loom.core.ledger import Transaction
 from loom.core.money import MICRO, format_credits
@@ -96,16 +97,16 @@ async def deposit(
     amount_micro: int,
     key: str,
     now: float,
+    sequencer: Sequencer | None = None,
 ) -> Transaction:
+    """Mint into the caller's balance: through ``sequencer`` (sealed and committed in its
+    batch; ``session`` is not written) or, without one, in ``session`` (caller commits)."""
     adapter.check(core.user_account(caller), amount_micro)
-    return await ledger.post(
-        session,
-        core.DEPOSIT,
-        key,
-        core.deposit_entries(caller, amount_micro),
-        {"adapter": adapter.name, "memo": "deposit"},
-        now,
-    )
+    entries = core.deposit_entries(caller, amount_micro)
+    meta = {"adapter": adapter.name, "memo": "deposit"}
+    if sequencer is not None:
+        return await sequencer.post(core.DEPOSIT, key, entries, meta)
+    return await ledger.post(session, core.DEPOSIT, key, entries, meta, now)
 
 
 async def payout(
