@@ -150,14 +150,25 @@ class Agent:
         await ws.send(data)
 
     async def run(self) -> None:
+        """Stay connected until stopped. With several coordinator replicas
+        (``--coordinator URL1,URL2,…``) every failed or lost connection moves on to the
+        next URL, after the capped, jittered backoff; Ray members keep running meanwhile
+        and are resynchronised by the coordinator on the new connection (``member.sync``)."""
         backoff = Backoff()
+        try:
+            urls = self.config.ws_urls
+        except ValueError as exc:
+            raise AgentRefused(f"bad coordinator URL: {exc}") from None
+        turn = 0
         while not self._stop.is_set():
+            url = urls[turn % len(urls)]
             try:
-                await self._session(backoff)
+                await self._session(backoff, url)
             except AgentRefused:
                 raise
             except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as exc:
-                log.warning("connection to %s lost: %s", self.config.coordinator, _why(exc))
+                log.warning("connection to %s lost: %s", url, _why(exc))
+                turn += 1  # the next replica (the same one when there is only one)
             except InvalidURI as exc:
                 raise AgentRefused(f"bad coordinator URL: {exc}") from None
             finally:
@@ -176,9 +187,9 @@ class Agent:
 
     # -- one connection -----------------------------------------------------------------
 
-    async def _session(self, backoff: Backoff) -> None:
+    async def _session(self, backoff: Backoff, url: str) -> None:
         async with websockets.connect(
-            self.config.ws_url,
+            url,
             max_size=MAX_FRAME_BYTES,
             open_timeout=10,
             ping_interval=20,

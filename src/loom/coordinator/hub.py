@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Set
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,6 +50,8 @@ class AgentConnection:
     pending: dict[str, asyncio.Future[Ack]] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
+    #: The agent session's epoch this replica claimed (loom.coordinator.replicas.sessions).
+    epoch: int = 0
 
     async def send_text(self, text: str) -> None:
         async with self.lock:
@@ -104,10 +106,21 @@ class AgentHub:
         self.report_handlers: dict[str, list[ReportHandler]] = {}
         self.on_connect: list[NodeHook] = []
         self.on_offline: list[NodeHook] = []
-    async def attach(self, node_id: str, ws: Sender, now: float) -> AgentConnection:
+        #: node → the session epoch this replica last claimed for it (kept after a detach:
+        #: a late heartbeat flush stays fenced by it).
+        self.epochs: dict[str, int] = {}
+        #: Agents whose sockets other replicas hold (node → that replica's id), from the
+        #: bus's presence events and the agent_sessions table (loom.coordinator.replicas).
+        self.remote: dict[str, str] = {}
+        #: Every agent connected to any replica: what placement and offers call connected.
+        self.present = Presence(self)
+
+    async def attach(self, node_id: str, ws: Sender, now: float, epoch: int = 0) -> AgentConnection:
         old = self.connections.get(node_id)
-        conn = AgentConnection(node_id=node_id, ws=ws, connected_at=now)
+        conn = AgentConnection(node_id=node_id, ws=ws, connected_at=now, epoch=epoch)
         self.connections[node_id] = conn
+        self.epochs[node_id] = epoch
+        self.remote.pop(node_id, None)
         if old is not None:
             old.closed = True
             old.fail_pending("replaced by a newer connection")
@@ -150,3 +163,23 @@ class AgentHub:
             except Exception:
                 log.exception("node hook failed for %s", node_id)
 
+
+class Presence(Set[str]):
+    """A live view: the nodes connected here or (as far as we know) to another replica."""
+
+    def __init__(self, hub: AgentHub) -> None:
+        self._hub = hub
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._hub.connections or node_id in self._hub.remote
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._hub.connections
+        for node_id in list(self._hub.remote):
+            if node_id not in self._hub.connections:
+                yield node_id
+
+    def __len__(self) -> int:
+        return len(self._hub.connections) + sum(
+            1 for n in self._hub.remote if n not in self._hub.connections
+        )

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import logging
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 from urllib.parse import urlsplit
@@ -28,7 +29,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from loom.coordinator.db.models import Member
 from loom.coordinator.errors import BadRequest, Conflict, ServiceError
-from loom.coordinator.hub import AgentConnection
+from loom.coordinator.hub import AgentConnection, AgentHub
 from loom.coordinator.services import clusters as cluster_service
 from loom.coordinator.state import CoordinatorState
 from loom.core.models import ClusterState, MemberState
@@ -120,14 +121,58 @@ class RelayStream:
         self.send_window.close("stream ended")
 
 
+@dataclass(eq=False)
+class Forward:
+    """A stream this replica carries for a user on another replica: frames from the agent
+    go to ``deliver`` verbatim (``loom.coordinator.tunnel_remote``)."""
+
+    id: int
+    origin: str
+    deliver: Callable[[bytes], Awaitable[None]]
+
+
 class AgentLink:
     """The tunnel streams carried by one agent connection."""
 
     def __init__(self, conn: AgentConnection) -> None:
         self.conn = conn
         self.streams: dict[int, RelayStream] = {}
+        self.forwarded: dict[int, Forward] = {}
         self._ids = itertools.count(1)
         self.lost: str | None = None
+
+    def _room(self) -> None:
+        if self.lost is not None or self.conn.closed:
+            raise Unavailable("head_unreachable", "the head's agent is not connected")
+        if len(self.streams) + len(self.forwarded) >= MAX_STREAMS_PER_AGENT:
+            raise Unavailable(
+                "tunnel_busy", f"too many tunnels to this head (at most {MAX_STREAMS_PER_AGENT})"
+            )
+
+    async def open_forward(
+        self, host: str, port: int, origin: str, deliver: Callable[[bytes], Awaitable[None]]
+    ) -> int:
+        """Open a stream for another replica's user; returns its id. The agent's OPENED
+        (or CLOSE) goes to ``deliver`` like every later frame of the stream."""
+        self._room()
+        fwd = Forward(next(self._ids), origin, deliver)
+        self.forwarded[fwd.id] = fwd
+        try:
+            await self.send(open_frame(fwd.id, host, port))
+        except Exception:
+            self.forwarded.pop(fwd.id, None)
+            raise Unavailable("head_unreachable", "the head's agent went away") from None
+        return fwd.id
+
+    async def forward_in(self, origin: str, data: bytes) -> None:
+        """A frame from ``origin``'s user for one of its forwarded streams: to the agent."""
+        frame = decode(data)
+        fwd = self.forwarded.get(frame.stream)
+        if fwd is None or fwd.origin != origin or frame.kind == Kind.OPEN:
+            return  # raced a close, or not that replica's stream
+        if frame.kind == Kind.CLOSE:
+            self.forwarded.pop(frame.stream, None)
+        await self.send(data)
 
     async def send(self, data: bytes) -> None:
         ws = cast(_BinarySender, self.conn.ws)
@@ -135,16 +180,18 @@ class AgentLink:
             await ws.send_bytes(data)
 
     async def open(self, host: str, port: int, timeout: float = OPEN_TIMEOUT_S) -> RelayStream:
-        if self.lost is not None or self.conn.closed:
-            raise Unavailable("head_unreachable", "the head's agent is not connected")
-        if len(self.streams) >= MAX_STREAMS_PER_AGENT:
-            raise Unavailable(
-                "tunnel_busy", f"too many tunnels to this head (at most {MAX_STREAMS_PER_AGENT})"
-            )
+        self._room()
         stream = RelayStream(next(self._ids), self)
         self.streams[stream.id] = stream
+        await self._await_open(stream, open_frame(stream.id, host, port), host, port, timeout)
+        return stream
+
+    async def _await_open(
+        self, stream: RelayStream, frame: bytes | None, host: str, port: int, timeout: float
+    ) -> None:
         try:
-            await self.send(open_frame(stream.id, host, port))
+            if frame is not None:
+                await self.send(frame)
             await asyncio.wait_for(asyncio.shield(stream.opened), timeout)
         except TimeoutError:
             stream.abort("no answer from the head's agent")
@@ -157,13 +204,19 @@ class AgentLink:
         except Exception as exc:
             stream.abort(f"{type(exc).__name__}: {exc}")
             raise Unavailable("head_unreachable", "the head's agent went away") from None
-        return stream
 
     async def on_frame(self, data: bytes) -> None:
         """One binary frame from the agent (raises TunnelProtocolError if it is garbage)."""
         frame = decode(data)
         if frame.kind == Kind.OPEN:
             raise TunnelProtocolError("agents do not open tunnel streams")
+        fwd = self.forwarded.get(frame.stream)
+        if fwd is not None:  # another replica's user: pass it on as it came
+            if frame.kind == Kind.CLOSE:
+                self.forwarded.pop(frame.stream, None)
+            with contextlib.suppress(Exception):
+                await fwd.deliver(data)
+            return
         stream = self.streams.get(frame.stream)
         if stream is None or stream.closed:
             return  # raced a close
@@ -190,6 +243,11 @@ class AgentLink:
         self.lost = "the head's agent disconnected"
         for stream in list(self.streams.values()):
             stream.abort(self.lost)
+        forwarded, self.forwarded = self.forwarded, {}
+        for fwd in forwarded.values():  # the other replica's user learns it too
+            task = asyncio.ensure_future(fwd.deliver(close_frame(fwd.id, self.lost)))
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
 
     async def tell_close(self, stream_id: int, reason: str) -> None:
         with contextlib.suppress(Exception):
@@ -197,6 +255,15 @@ class AgentLink:
 
 
 _links: weakref.WeakKeyDictionary[AgentConnection, AgentLink] = weakref.WeakKeyDictionary()
+_closing: set[asyncio.Future[None]] = set()
+RemoteOpener = Callable[["Target"], Awaitable[RelayStream]]
+#: Per coordinator (keyed by its hub): how to reach a head whose agent another replica
+#: holds (installed by ``loom.coordinator.tunnel_remote`` when replicas are on).
+_remote: weakref.WeakKeyDictionary[AgentHub, RemoteOpener] = weakref.WeakKeyDictionary()
+
+
+def install_remote(hub: AgentHub, opener: RemoteOpener) -> None:
+    _remote[hub] = opener
 
 
 def link_for(conn: AgentConnection) -> AgentLink:
@@ -247,6 +314,9 @@ async def resolve_target(state: CoordinatorState, caller: str, ref: str, target:
 
 async def open_stream(state: CoordinatorState, target: Target) -> RelayStream:
     conn = state.hub.connections.get(target.node_id)
+    remote = _remote.get(state.hub)
+    if conn is None and remote is not None:
+        return await remote(target)  # the head's agent is on another replica
     if conn is None:
         raise Unavailable(
             "head_unreachable", "the head's agent is not connected to the coordinator right now"

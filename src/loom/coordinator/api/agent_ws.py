@@ -21,6 +21,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from loom.coordinator import tunnel
 from loom.coordinator.api.deps import get_state
 from loom.coordinator.hub import AgentConnection
+from loom.coordinator.replicas import sessions as agent_sessions
 from loom.coordinator.services import nodes as node_service
 from loom.coordinator.services.handshake import (
     HandshakeError,
@@ -85,6 +86,10 @@ async def _receive_timed(ws: WebSocket, *, binary: bool = False) -> tuple[float,
         return received_at, json.loads(text)
     except (ValueError, RecursionError):  # RecursionError: nested too deep (fuzzing found it)
         raise _Refuse(CLOSE_BAD_MESSAGE, "frame is not valid JSON") from None
+
+
+def _address(state: CoordinatorState) -> str:
+    return f"http://{state.settings.host}:{state.settings.port}"
 
 
 def _describe(exc: ValidationError) -> str:
@@ -157,8 +162,12 @@ async def _handshake(state: CoordinatorState, ws: WebSocket) -> AgentConnection:
                 "this node was removed by its owner; to add the machine again, start the "
                 "agent with a new LOOM_HOME (a new node key)",
             )
+        # This replica now holds the agent: a new epoch fences whoever held it before.
+        epoch = await agent_sessions.claim(
+            session, reg.node_id, state.settings.replica_id, now, _address(state)
+        )
         await session.commit()
-    conn = await state.hub.attach(reg.node_id, ws, now)
+    conn = await state.hub.attach(reg.node_id, ws, now, epoch)
     state.hub.heartbeats.record(reg.node_id, now, "{}")
     welcome = Welcome(
         node_id=reg.node_id,

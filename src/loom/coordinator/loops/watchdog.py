@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from loom.coordinator.db.models import Node
 from loom.coordinator.loops.isolation import isolated
+from loom.coordinator.replicas import sessions as agent_sessions
 from loom.coordinator.services import auth as auth_service
 from loom.coordinator.services import nodes as node_service
 from loom.coordinator.state import CoordinatorState
@@ -32,7 +33,9 @@ async def flush_heartbeats(state: CoordinatorState) -> int:
     if not len(state.hub.heartbeats):
         return 0
     async with state.flush_lock, state.session() as session:
-        return await state.hub.heartbeats.flush(session)
+        # Fenced: only beats of agents whose session this replica still holds.
+        fence = (state.settings.replica_id, state.hub.epochs)
+        return await state.hub.heartbeats.flush(session, fence=fence)
 
 
 async def watchdog_step(state: CoordinatorState, now: float | None = None) -> list[str]:
@@ -50,16 +53,29 @@ async def watchdog_step(state: CoordinatorState, now: float | None = None) -> li
         stmt = select(Node).where(Node.state.in_(_WATCHED), Node.last_heartbeat_at < cutoff)
         if session.bind is not None and session.bind.dialect.name == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True)
-        for node in list((await session.execute(stmt)).scalars()):
+        candidates = list((await session.execute(stmt)).scalars())
+        held = await agent_sessions.holders(session, [n.id for n in candidates])
+        me = state.settings.replica_id
+        for node in candidates:
             seen = state.hub.heartbeats.last_seen(node.id)
             if seen is not None and seen >= cutoff:
                 # This replica heard from it recently: the database is only behind
                 # (a slow flush), the node is alive. Never take a live node offline.
                 continue
             node_id = node.id
+            holder = held.get(node_id)
+            if holder is not None and agent_sessions.in_grace(
+                holder, me, node.last_heartbeat_at, now, state.settings.heartbeat_timeout_s,
+                state.settings.restart_grace_s,
+            ):  # fmt: skip
+                continue  # its replica may have died: let it reconnect to another one
             # Each node in its own savepoint: one row that cannot move never stops the rest.
             async with isolated("watchdog", node_id):
                 async with session.begin_nested():
+                    if holder is not None and not await agent_sessions.unchanged(
+                        session, node_id, holder.epoch
+                    ):
+                        continue  # it reconnected meanwhile (a new epoch): alive
                     gap = now - max(node.last_heartbeat_at or now, seen or 0.0)
                     node_service.transition(
                         session, node, NodeState.OFFLINE, f"no heartbeat for {gap:.1f} s", now
