@@ -4,18 +4,20 @@ lighthouse (real ``nebula-cert`` and ``nebula``; no root needed: the lighthouse 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from loom.coordinator.overlay.authority import Authority, OverlayConfigError, OverlaySettings
 from loom.coordinator.overlay.lighthouse import Lighthouse
-from loom.protocol.overlay import OverlayError, grant_from_args, grant_to_args
+from loom.protocol.overlay import OverlayError, OverlayGrant, grant_from_args, grant_to_args
 from support.servers import free_port
 
 pytestmark = pytest.mark.skipif(
@@ -30,17 +32,31 @@ def _settings(tmp_path: Path, **kw: str) -> OverlaySettings:
     return OverlaySettings(data_dir=tmp_path / "overlay", **values)  # type: ignore[arg-type]
 
 
+def _public_key(tmp_path: Path) -> str:
+    """A public key as an agent generates it (nebula-cert keygen); the key stays there."""
+    key, pub = tmp_path / "agent.key", tmp_path / "agent.pub"
+    key.unlink(missing_ok=True)
+    pub.unlink(missing_ok=True)
+    subprocess.run(
+        ["nebula-cert", "keygen", "-out-key", str(key), "-out-pub", str(pub)], check=True
+    )
+    return pub.read_text()
+
+
 def test_ca_addresses_and_member_certificates(tmp_path: Path) -> None:
     authority = Authority(_settings(tmp_path))
+    pub = _public_key(tmp_path)
     mode = stat.S_IMODE(os.stat(authority.ca_key_path).st_mode)
     assert mode == 0o600, oct(mode)
     assert stat.S_IMODE(os.stat(authority.dir).st_mode) == 0o700
-    g1 = authority.grant("c-1", "m-a", ends_at=None)
-    g2 = authority.grant("c-1", "m-b", ends_at=None)
-    g3 = authority.grant("c-2", "m-c", ends_at=None)
+    g1 = authority.grant("c-1", "m-a", None, pub)
+    g2 = authority.grant("c-1", "m-b", None, pub)
+    g3 = authority.grant("c-2", "m-c", None, pub)
     assert len({g1.overlay_ip, g2.overlay_ip, g3.overlay_ip, authority.lighthouse_ip}) == 4
-    assert authority.grant("c-1", "m-a", ends_at=None).overlay_ip == g1.overlay_ip  # stable
-    assert "PRIVATE KEY" not in g1.ca_crt  # the CA's key is never in a grant
+    assert authority.grant("c-1", "m-a", None, pub).overlay_ip == g1.overlay_ip  # stable
+    assert "PRIVATE KEY" not in g1.model_dump_json()  # no CA key, no member key
+    with pytest.raises(ValueError):  # a grant carrying a private key is refused
+        OverlayGrant.model_validate({**g1.model_dump(), "key": "x"})
     # The certificate says who and which cluster (nebula-cert's own reading of it).
     crt = tmp_path / "m.crt"
     crt.write_text(g1.crt)
@@ -54,9 +70,25 @@ def test_ca_addresses_and_member_certificates(tmp_path: Path) -> None:
     assert grant_from_args(args) == g1
     with pytest.raises(OverlayError, match=r"overlay\.overlay_ip"):
         grant_from_args({"overlay": {**args["overlay"], "overlay_ip": "not an ip"}})
-    # A restarted coordinator keeps its CA and its address book.
+    # Renewal: due once less than a third of the lifetime is left; same key, address, group.
+    now = time.time()
+    assert authority.due(now) == []
+    assert authority.due(now + 0.7 * 3600 * 4) == ["m-a", "m-b", "m-c"]
+    renewal = authority.renew("m-a", None, now + 3 * 3600)
+    assert renewal is not None and renewal.expires_at == pytest.approx(now + 7 * 3600, abs=5)
+    crt.write_text(renewal.crt)
+    again_shown = subprocess.run(
+        ["nebula-cert", "print", "-json", "-path", str(crt)], capture_output=True, text=True
+    ).stdout
+    assert (
+        json.loads(again_shown)["details"]["publicKey"] == json.loads(shown)["details"]["publicKey"]
+    )
+    authority.renewed(renewal, now + 3 * 3600)
+    assert "m-a" not in authority.due(now + 3.5 * 3600)
+    # A restarted coordinator keeps its CA and its address book (keys, expiries too).
     again = Authority(_settings(tmp_path))
     assert again.ca_crt == authority.ca_crt and again.address_of("m-c") == g3.overlay_ip
+    assert again.entry("m-a") == authority.entry("m-a")
     assert sorted(again.release_cluster("c-1")) == ["m-a", "m-b"]
     assert again.address_of("m-a") is None
 

@@ -224,6 +224,50 @@ def test_three_homes_behind_nat_form_one_cluster(
         )
         try:
             wait_for(lambda: _connect(user_ns, gcs) == "connected", 60, "the user on the overlay")
+            # Plain Ray tools from the user's machine: the Jobs API on the head's overlay IP.
+            head_ip = gcs.rsplit(":", 1)[0]
+            jobs = f"http://{head_ip}:{cluster.dashboard_url.rstrip('/').rsplit(':', 1)[1]}"
+            assert cluster.dashboard_url.startswith(f"http://{head_ip}:"), cluster.dashboard_url
+            submitted = subprocess.run(
+                [
+                    *user_ns,
+                    str(Path(sys.executable).parent / "ray"),
+                    "job",
+                    "submit",
+                    "--address",
+                    jobs,
+                    "--",
+                    "python",
+                    "-c",
+                    "print('job over the overlay', 6 * 7)",
+                ],
+                env=env_user | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.ray_token},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+            assert "job over the overlay 42" in submitted.stdout, submitted.stdout[-2000:]
+            # ... while the supplier's LAN (its router, routing the overlay IP to the
+            # supplier) reaches neither the Jobs API nor the GCS.
+            home_i = int(next(m.node_name for m in cluster.members if m.role == "head")[-1])
+            router = topology.namespaces[topology.namespaces.index(topology.suppliers[home_i]) - 1]
+            router_ns = ["nsenter", f"--net=/run/netns/{router}"]
+            sh(
+                "ip",
+                "-n",
+                router,
+                "route",
+                "add",
+                f"{head_ip}/32",
+                "via",
+                f"192.168.{70 + home_i}.2",
+            )
+            try:
+                for target in (jobs.removeprefix("http://"), gcs):
+                    assert _connect(router_ns, target) != "connected", target
+            finally:
+                sh("ip", "-n", router, "route", "del", f"{head_ip}/32", check=False)
         finally:
             joined.terminate()
             joined.wait(20)

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from loom.agent.main import Handler, handler, handlers
 from loom.agent.netns import MemberNet, NetnsError, NetnsManager
-from loom.agent.overlay import MemberOverlay, OverlayError
+from loom.agent.overlay import MemberOverlay, OverlayError, generate_key, nebula_binary
 from loom.agent.raynode import (
     NodeHealth,
     PortAllocator,
@@ -41,6 +41,10 @@ from loom.agent.raynode import (
 from loom.agent.raynode_spec import MemberPaths, member_short_id
 from loom.agent.runtimes import Runtime
 from loom.protocol.commands import (
+    MemberOverlayCert,
+    MemberOverlayCertReply,
+    MemberOverlayKey,
+    MemberOverlayKeyReply,
     MemberSeen,
     MemberSeenReply,
     MemberStart,
@@ -100,7 +104,34 @@ class MemberManager:
             handler(MemberStop, self.stop),
             handler(MemberSync, self.sync),
             handler(MemberSeen, self.seen),
+            handler(MemberOverlayKey, self.overlay_key),
+            handler(MemberOverlayCert, self.overlay_cert),
         )
+
+    async def overlay_key(self, cmd: MemberOverlayKey) -> MemberOverlayKeyReply:
+        """Generate the member's Nebula keypair here (the private key stays on this machine)."""
+        if self.netns is None or nebula_binary() is None:
+            return MemberOverlayKeyReply()  # no overlay here: its members use node_ip
+        try:
+            spec = RayNodeSpec(  # only for the member's directory (the same for any role)
+                cluster_id=cmd.cluster_id,
+                member_id=cmd.member_id,
+                role="head",
+                token="0" * 16,
+                base_dir=self.base_dir,
+            )
+            where = MemberPaths.for_spec(spec).root / "nebula"  # hidden from the sandbox
+            public = await asyncio.to_thread(generate_key, where)
+        except (OverlayError, OSError, ValueError) as exc:
+            raise RayNodeError(f"overlay key of {cmd.member_id}: {exc}") from None
+        return MemberOverlayKeyReply(public_key=public)
+
+    async def overlay_cert(self, cmd: MemberOverlayCert) -> MemberOverlayCertReply:
+        """A renewed certificate for a running member: swap it in, Nebula reloads it."""
+        overlay = self.overlays.get(cmd.member_id)
+        if overlay is None:
+            return MemberOverlayCertReply()
+        return MemberOverlayCertReply(reloaded=await overlay.renew(cmd.crt))
 
     async def cleanup_leftovers(self) -> list[str]:
         """Remove members left by a previous agent process (crash, SIGKILL)."""
@@ -234,7 +265,11 @@ class MemberManager:
             await self._stop_node(spec.member_id, None)
             raise RayNodeError(f"overlay of {spec.member_id}: {exc}") from None
         overlay.watch(self.report, spec.member_id)  # tells the coordinator when relayed
-        return dataclasses.replace(spec, node_ip=grant.overlay_ip)
+        # The head's dashboard (Jobs API) binds the overlay address too: reachable by the
+        # cluster's members and its users' certificates (`loom cluster connect`), and by
+        # this host (a /32 route: `loom cluster forward`), never by the supplier's LAN.
+        ip = grant.overlay_ip
+        return dataclasses.replace(spec, node_ip=ip, dashboard_host=ip)
 
     async def _stop_node(self, member_id: str, node: RayNode | None) -> None:
         """Stop the node, its Nebula, then remove its network namespace (always)."""

@@ -1,11 +1,15 @@
 """A member's own Nebula: the cluster's overlay, inside the member's network namespace.
 
-The coordinator's grant (:class:`loom.protocol.overlay.OverlayGrant`) carries the
-member's certificate (groups = its cluster) and where the lighthouse is. This module
-writes the member's Nebula files (key 0600), runs ``nebula`` inside the member's
-namespace (its tun device lives and dies there), and configures a firewall that admits
-only the cluster's group: another cluster's member cannot open anything here, even on the
-same host, and the lighthouse (which joins no cluster) cannot either.
+The member's keypair is generated here (:func:`generate_key`, ``nebula-cert keygen``, key
+0600 in the member's directory, hidden from the sandbox) when the coordinator asks for the
+public key; the private key never leaves this machine. The coordinator's grant
+(:class:`loom.protocol.overlay.OverlayGrant`) then carries the member's certificate for
+that key (groups = its cluster) and where the lighthouse is. This module writes the
+member's Nebula files, runs ``nebula`` inside the member's namespace (its tun device lives
+and dies there), and configures a firewall that admits only the cluster's group: another
+cluster's member cannot open anything here, even on the same host, and the lighthouse
+(which joins no cluster) cannot either. A renewed certificate (:meth:`MemberOverlay.renew`)
+replaces the file and Nebula gets SIGHUP: it reloads its PKI and keeps its tunnels.
 
 The Ray node then binds the overlay address. The host reaches that address through a
 /32 route via the member's veth (the agent's tunnel to the head's Ray client port).
@@ -18,9 +22,12 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import re
 import shutil
+import signal
 import subprocess
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -33,10 +40,19 @@ log = logging.getLogger(__name__)
 #: The UDP port of every member's Nebula (each member has its own namespace).
 NEBULA_PORT = 4242
 TUN_DEVICE = "nebula1"
-TUN_MTU = 1300
+#: 1500 (a common internet path) - 60 (Nebula's header, AEAD tag, UDP, IPv4) = 1440, less
+#: a margin for PPPoE (1492) links; Nebula's own default is 1300 (bench/overlay.py compares).
+TUN_MTU = 1420
+#: Nebula's UDP socket buffers (bytes): bursts at Gbit/s rates overflow the defaults.
+SOCKET_BUFFER = 8 << 20
 START_TIMEOUT_S = 10.0
 #: How often a member's Nebula log is read for relayed tunnels.
 RELAY_POLL_S = 2.0
+#: How long a SIGHUPed Nebula may take to say it reloaded its certificate.
+RELOAD_TIMEOUT_S = 10.0
+_RELOADED = b"Client cert refreshed from disk"
+KEY_FILE = "host.key"
+PUB_FILE = "host.pub"
 _HANDSHAKE = re.compile(r'msg="Handshake message received".*?udpAddr="?([^" ]+)"? vpnIp=([0-9.]+)')
 
 ReportFn = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -48,6 +64,39 @@ class OverlayError(RuntimeError):
 
 def nebula_binary() -> str | None:
     return shutil.which("nebula")
+
+
+def generate_key(directory: Path) -> str:
+    """The member's Nebula public key PEM; generates the keypair the first time.
+
+    The private key is written 0600 into ``directory`` (made 0700) and never read back
+    by anything but this machine's Nebula. Repeated calls return the same public key.
+    """
+    key, pub = directory / KEY_FILE, directory / PUB_FILE
+    if key.exists() and pub.exists():
+        return pub.read_text()
+    tool = shutil.which("nebula-cert")
+    if tool is None:
+        raise OverlayError(
+            "the overlay needs Nebula (`nebula-cert` not found): apt-get install nebula"
+        )
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(directory, 0o700)
+    with tempfile.TemporaryDirectory(prefix=".keygen-", dir=directory) as tmp:
+        new_key, new_pub = Path(tmp) / KEY_FILE, Path(tmp) / PUB_FILE
+        done = subprocess.run(
+            [tool, "keygen", "-out-key", str(new_key), "-out-pub", str(new_pub)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise OverlayError(f"nebula-cert keygen failed: {done.stderr.strip()}")
+        os.chmod(new_key, 0o600)
+        new_key.replace(key)
+        new_pub.replace(pub)
+    return pub.read_text()
 
 
 def lighthouse_hosts(grant: OverlayGrant, net: MemberNet) -> tuple[list[str], set[int]]:
@@ -81,11 +130,16 @@ def member_config(grant: OverlayGrant, net: MemberNet, directory: Path) -> dict[
         "pki": {
             "ca": str(directory / "ca.crt"),
             "cert": str(directory / "host.crt"),
-            "key": str(directory / "host.key"),
+            "key": str(directory / KEY_FILE),
         },
         "static_host_map": {grant.lighthouse_ip: hosts},
         "lighthouse": {"am_lighthouse": False, "interval": 30, "hosts": [grant.lighthouse_ip]},
-        "listen": {"host": "0.0.0.0", "port": NEBULA_PORT},
+        "listen": {
+            "host": "0.0.0.0",
+            "port": NEBULA_PORT,
+            "read_buffer": SOCKET_BUFFER,
+            "write_buffer": SOCKET_BUFFER,
+        },
         "punchy": {"punch": True, "respond": True, "delay": "1s"},
         "relay": {"relays": [grant.lighthouse_ip], "am_relay": False, "use_relays": True},
         "tun": {"dev": TUN_DEVICE, "mtu": TUN_MTU, "drop_local_broadcast": True},
@@ -118,12 +172,12 @@ class MemberOverlay:
         self._watch: asyncio.Task[None] | None = None
 
     def _write_files(self) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not (self.dir / KEY_FILE).exists():
+            raise OverlayError(
+                "no key for this member here (the agent restarted since member.overlay_key?)"
+            )
         (self.dir / "ca.crt").write_text(self.grant.ca_crt)
         (self.dir / "host.crt").write_text(self.grant.crt)
-        key = self.dir / "host.key"
-        key.touch(mode=0o600)
-        key.write_text(self.grant.key)
         config = self.dir / "config.yml"
         config.write_text(json.dumps(member_config(self.grant, self.net, self.dir)))  # JSON ⊂ YAML
         return config
@@ -134,7 +188,10 @@ class MemberOverlay:
             raise OverlayError(
                 "the overlay needs Nebula (`nebula` not found): apt-get install nebula"
             )
-        config = await asyncio.to_thread(self._write_files)
+        try:
+            config = await asyncio.to_thread(self._write_files)
+        except OSError as exc:
+            raise OverlayError(f"writing the member's Nebula files: {exc}") from None
         _, local_ports = lighthouse_hosts(self.grant, self.net)
         try:
             await asyncio.to_thread(self.netns.allow_overlay, self.net, NEBULA_PORT, local_ports)
@@ -200,6 +257,39 @@ class MemberOverlay:
                     f"{timeout:g} s: {self.log_tail(3)}"
                 )
             await asyncio.sleep(0.3)
+
+    async def renew(self, crt: str, timeout: float = RELOAD_TIMEOUT_S) -> bool:
+        """Swap in a renewed certificate and make Nebula reload it (SIGHUP).
+
+        Returns whether Nebula logged the reload within ``timeout``. Tunnels stay up: Nebula
+        reloads its PKI in place; new handshakes present the new certificate.
+        """
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return False
+        size = self.log_path.stat().st_size if self.log_path.exists() else 0
+        crt_path = self.dir / "host.crt"
+        tmp = crt_path.with_suffix(".new")
+        await asyncio.to_thread(tmp.write_text, crt)
+        await asyncio.to_thread(tmp.replace, crt_path)
+        proc.send_signal(signal.SIGHUP)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if _RELOADED in await asyncio.to_thread(self._log_since, size):
+                self.grant = self.grant.model_copy(update={"crt": crt})
+                return True
+            await asyncio.sleep(0.05)
+        log.warning("member Nebula did not confirm the certificate reload: %s", self.log_tail(3))
+        return False
+
+    def _log_since(self, offset: int) -> bytes:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read()
+        except OSError:
+            return b""
 
     def _tun_ready(self) -> bool:
         done = subprocess.run(

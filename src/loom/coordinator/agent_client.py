@@ -28,6 +28,10 @@ from loom.protocol.commands import (
     ChallengeNonce,
     ChallengeOpen,
     ChallengeStart,
+    MemberOverlayCert,
+    MemberOverlayCertReply,
+    MemberOverlayKey,
+    MemberOverlayKeyReply,
     MemberSeen,
     MemberSeenReply,
     MemberStart,
@@ -110,6 +114,19 @@ class AgentClient:
         self, node_id: str, member_id: str, *, timeout: float = MEMBER_SEEN_TIMEOUT_S
     ) -> MemberSeenReply:
         return await self.call(node_id, MemberSeen(member_id=member_id), timeout=timeout)
+
+    # -- the overlay -----------------------------------------------------------------------
+
+    async def member_overlay_key(
+        self, node_id: str, cluster_id: str, member_id: str, *, timeout: float = DEFAULT_TIMEOUT_S
+    ) -> MemberOverlayKeyReply:
+        command = MemberOverlayKey(cluster_id=cluster_id, member_id=member_id)
+        return await self.call(node_id, command, timeout=timeout)
+
+    async def member_overlay_cert(
+        self, node_id: str, command: MemberOverlayCert, *, timeout: float = DEFAULT_TIMEOUT_S
+    ) -> MemberOverlayCertReply:
+        return await self.call(node_id, command, timeout=timeout)
 
     # -- hardware challenges ---------------------------------------------------------------
 

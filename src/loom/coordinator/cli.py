@@ -63,6 +63,13 @@ def serve(
     overlay_network: Annotated[
         str, typer.Option(help="private IPv4 range of the overlay's addresses")
     ] = "10.250.0.0/16",
+    overlay_cert_lifetime: Annotated[
+        float,
+        typer.Option(
+            min=10.0,
+            help="seconds an overlay certificate lives (renewed while its cluster lives)",
+        ),
+    ] = 4 * 3600.0,
     bus: Annotated[
         str,
         typer.Option(
@@ -115,6 +122,7 @@ def serve(
         overlay_listen=overlay_listen,
         overlay_advertise=overlay_advertise,
         overlay_network=overlay_network,
+        overlay_cert_lifetime_s=overlay_cert_lifetime,
         bus_url=bus,
     )
     if replica_id:

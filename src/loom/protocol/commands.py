@@ -14,6 +14,8 @@ name                       command                      reply
 ``member.stop``            :class:`MemberStop`          :class:`MemberStopped`
 ``member.sync``            :class:`MemberSync`          :class:`MemberSynced`
 ``member.seen``            :class:`MemberSeen`          :class:`MemberSeenReply`
+``member.overlay_key``     :class:`MemberOverlayKey`    :class:`MemberOverlayKeyReply`
+``member.overlay_cert``    :class:`MemberOverlayCert`   :class:`MemberOverlayCertReply`
 ``challenge.start``        :class:`ChallengeStart`      :class:`ChallengeAccepted`
 ``challenge.nonce``        :class:`ChallengeNonce`      :class:`NonceTaken`
 ``challenge.open``         :class:`ChallengeOpen`       ``OpeningsResponse`` (core)
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loom.core.challenge import (
     ChallengeSpec,
@@ -49,7 +51,7 @@ from loom.core.challenge import (
 )
 from loom.core.challenge import ChallengeStart as ChallengeStartMessage
 from loom.core.challenge.messages import ChallengeIdBytes, NonceBytes, RoundIndex
-from loom.protocol.overlay import OverlayGrant
+from loom.protocol.overlay import OverlayGrant, check_pem, check_public_key
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -153,6 +155,52 @@ class MemberSeen(AgentCommand[MemberSeenReply]):
     member_id: str = Field(min_length=1, max_length=_ID)
 
 
+# -- the overlay (loom.protocol.overlay: keys stay where they are generated) ---------------
+
+
+class MemberOverlayKeyReply(Reply):
+    """The member's Nebula public key; "" when this agent cannot join overlays (no
+    namespaces or no Nebula: its members use the agent's address, and get no grant)."""
+
+    public_key: str = Field(default="", max_length=1024)
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        return value if value == "" else check_public_key(value)
+
+
+class MemberOverlayKey(AgentCommand[MemberOverlayKeyReply]):
+    """Generate (or return) the member's Nebula keypair; sent before ``member.start``."""
+
+    wire_name: ClassVar[str] = "member.overlay_key"
+    reply_model: ClassVar[type[BaseModel]] = MemberOverlayKeyReply
+
+    cluster_id: str = Field(min_length=1, max_length=_ID)
+    member_id: str = Field(min_length=1, max_length=_ID)
+
+
+class MemberOverlayCertReply(Reply):
+    #: Whether the member's Nebula took the new certificate (False: no such member here).
+    reloaded: bool = False
+
+
+class MemberOverlayCert(AgentCommand[MemberOverlayCertReply]):
+    """A renewed certificate (same key, address, group): swap it in and reload Nebula."""
+
+    wire_name: ClassVar[str] = "member.overlay_cert"
+    reply_model: ClassVar[type[BaseModel]] = MemberOverlayCertReply
+
+    member_id: str = Field(min_length=1, max_length=_ID)
+    crt: str = Field(max_length=8192)
+    expires_at: float
+
+    @field_validator("crt")
+    @classmethod
+    def _crt(cls, value: str) -> str:
+        return check_pem(value)
+
+
 # -- hardware challenges -------------------------------------------------------------------
 
 
@@ -240,6 +288,8 @@ COMMANDS: dict[str, type[AgentCommand[Any]]] = {
         MemberStop,
         MemberSync,
         MemberSeen,
+        MemberOverlayKey,
+        MemberOverlayCert,
         ChallengeStart,
         ChallengeNonce,
         ChallengeOpen,

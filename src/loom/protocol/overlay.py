@@ -5,7 +5,19 @@ member (name = member id, groups = the cluster) and tells the member where the l
 is. The agent runs that member's own Nebula inside the member's network namespace, with a
 firewall that admits only the cluster's group, and the Ray node binds ``overlay_ip``.
 
-The command is a plain dict today; :func:`grant_to_args` / :func:`grant_from_args` put
+**Private keys never leave the machine that uses them.** Before ``member.start`` the
+coordinator sends ``member.overlay_key`` (``loom.protocol.commands.MemberOverlayKey``): the
+agent generates the member's keypair (``nebula-cert keygen``, key 0600 in the member's
+directory) and answers the public key; the coordinator signs that public key
+(``nebula-cert sign -in-pub``) and the grant carries only the certificate. While the
+cluster lives the coordinator renews the certificate before it expires and pushes it with
+``member.overlay_cert`` (:class:`OverlayRenewal`, sent as ``MemberOverlayCert``); the
+agent swaps the file and sends
+Nebula SIGHUP (it reloads its PKI, keeping its tunnels). ``loom cluster connect`` does the
+same: the user's machine generates its key and posts only the public key
+(:class:`OverlayJoin`).
+
+The commands are plain dicts today; :func:`grant_to_args` / :func:`grant_from_args` put
 the grant under one key and read it back, typed and validated.
 """
 
@@ -23,6 +35,25 @@ _PEM = re.compile(
 )
 _GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.:\[\]-]{1,255}:[0-9]{1,5}$")
+_PUBLIC_KEY = re.compile(
+    r"^-----BEGIN NEBULA X25519 PUBLIC KEY-----\n[A-Za-z0-9+/=\n]+"
+    r"-----END NEBULA X25519 PUBLIC KEY-----\n?$"
+)
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_pem(value: str) -> str:
+    if not _PEM.match(value):
+        raise ValueError("must be a PEM block written by nebula-cert")
+    if "PRIVATE KEY" in value:
+        raise ValueError("a private key never travels: send the public key only")
+    return value
+
+
+def check_public_key(value: str) -> str:
+    if not _PUBLIC_KEY.match(value):
+        raise ValueError("must be a Nebula X25519 public key (nebula-cert keygen -out-pub)")
+    return value
 
 
 class OverlayError(ValueError):
@@ -30,13 +61,15 @@ class OverlayError(ValueError):
 
 
 class OverlayGrant(BaseModel):
-    """One member's place on the overlay: its certificate, key and how to find the others."""
+    """One member's place on the overlay: its certificate and how to find the others.
+
+    No private key: the member's agent (or the user's machine) generated it and keeps it.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     ca_crt: str = Field(max_length=8192)
     crt: str = Field(max_length=8192)
-    key: str = Field(max_length=1024)
     #: This member's overlay address and the network's prefix length.
     overlay_ip: str
     prefix_len: int = Field(ge=8, le=30)
@@ -45,15 +78,13 @@ class OverlayGrant(BaseModel):
     #: The lighthouse (and relay): its overlay address, and the UDP host:port it listens on.
     lighthouse_ip: str
     lighthouse_addresses: list[str] = Field(min_length=1, max_length=8)
-    #: Seconds until the certificate expires (the coordinator renews while the cluster lives).
+    #: When the certificate expires (unix time; the coordinator renews while the cluster lives).
     expires_at: float
 
-    @field_validator("ca_crt", "crt", "key")
+    @field_validator("ca_crt", "crt")
     @classmethod
     def _pem(cls, value: str) -> str:
-        if not _PEM.match(value):
-            raise ValueError("must be a PEM block written by nebula-cert")
-        return value
+        return check_pem(value)
 
     @field_validator("overlay_ip", "lighthouse_ip")
     @classmethod
@@ -94,3 +125,31 @@ def grant_from_args(args: dict[str, Any]) -> OverlayGrant | None:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise OverlayError(f"member.start overlay.{where}: {first.get('msg')}") from None
+
+
+class OverlayRenewal(BaseModel):
+    """A renewed certificate for the same key, address and group (the authority's output)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    member_id: str
+    crt: str = Field(max_length=8192)
+    expires_at: float
+
+    @field_validator("crt")
+    @classmethod
+    def _pem(cls, value: str) -> str:
+        return check_pem(value)
+
+
+class OverlayJoin(BaseModel):
+    """``POST /v1/clusters/{ref}/overlay``: the user's own public key, to be signed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    public_key: str = Field(max_length=1024)
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        return check_public_key(value)

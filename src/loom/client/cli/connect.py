@@ -1,8 +1,11 @@
 """`loom cluster connect NAME`: join this machine to a cluster's Nebula overlay.
 
-The owner gets a user certificate for the cluster (``POST /v1/clusters/{ref}/overlay``,
-groups = the cluster, so the members' firewalls admit it) and runs a local Nebula in the
-foreground until Ctrl-C. Plain Ray tools then reach the head's overlay address directly.
+This machine generates its own Nebula keypair (``nebula-cert keygen``; the private key
+stays in a 0700 temporary directory and is deleted on exit), the owner posts only the
+public key and gets a user certificate for it (``POST /v1/clusters/{ref}/overlay``,
+groups = the cluster, so the members' firewalls admit it), and a local Nebula runs in the
+foreground until Ctrl-C. Plain Ray tools then reach the head's overlay address directly:
+its GCS, its client port and its Jobs API (``ray job submit --address http://...:8265``).
 A tun device needs CAP_NET_ADMIN (root); without it, `loom cluster forward` is the way in.
 """
 
@@ -22,7 +25,7 @@ import typer
 
 from loom.client.cli.common import EXIT_API, client_for, console, fail
 from loom.client.sdk import LoomAPIError
-from loom.protocol.overlay import OverlayGrant
+from loom.protocol.overlay import OverlayGrant, OverlayJoin
 
 TUN_DEVICE = "loom-user"
 
@@ -62,19 +65,22 @@ def connect(
             "joining the overlay creates a tun device, which needs CAP_NET_ADMIN: run it as "
             "root (sudo -E loom cluster connect …), or use `loom cluster forward` instead"
         )
-    with client_for(ctx) as loom:
-        cluster = loom.cluster(name)
-        try:
-            raw = loom.request("POST", f"/v1/clusters/{cluster.id}/overlay").json()
-        except LoomAPIError as exc:
-            fail(f"{exc.message} [{exc.code}]", EXIT_API)
-    grant = OverlayGrant.model_validate(raw)
     with tempfile.TemporaryDirectory(prefix="loom-connect-") as tmp:
-        d = Path(tmp)
+        d = Path(tmp)  # 0700: mkdtemp
+        public_key = _keygen(d)
+        with client_for(ctx) as loom:
+            cluster = loom.cluster(name)
+            try:
+                raw = loom.request(
+                    "POST",
+                    f"/v1/clusters/{cluster.id}/overlay",
+                    json=OverlayJoin(public_key=public_key).model_dump(),
+                ).json()
+            except LoomAPIError as exc:
+                fail(f"{exc.message} [{exc.code}]", EXIT_API)
+        grant = OverlayGrant.model_validate(raw)
         (d / "ca.crt").write_text(grant.ca_crt)
         (d / "user.crt").write_text(grant.crt)
-        (d / "user.key").touch(mode=0o600)
-        (d / "user.key").write_text(grant.key)
         (d / "config.yml").write_text(json.dumps(user_config(grant, d)))
         signal.signal(signal.SIGTERM, _interrupt)  # leave cleanly on SIGTERM too
         proc = subprocess.Popen([nebula, "-config", str(d / "config.yml")])
@@ -83,9 +89,13 @@ def connect(
             if proc.poll() is not None:
                 fail(f"nebula exited at once (code {proc.returncode}); see its output above")
             head = cluster.head_address.rsplit(":", 1)[0]
+            jobs = _jobs_url(cluster.dashboard_url, head)
+            hours = max(0.0, (grant.expires_at - time.time()) / 3600)
             console.print(
                 f"on the overlay of [bold]{cluster.name}[/] as {grant.overlay_ip}: "
                 f"Ray GCS at [bold]{cluster.head_address}[/] (head {head})\n"
+                + (f"Jobs API: ray job submit --address {jobs} -- python ...\n" if jobs else "")
+                + f"this certificate is valid for {hours:.1f} h: run connect again after that\n"
                 f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(loom cluster token {cluster.name})\n"
                 "press Ctrl-C to leave"
             )
@@ -99,6 +109,27 @@ def connect(
                     proc.wait(5)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def _keygen(d: Path) -> str:
+    """This machine's own Nebula keypair in ``d``; returns the public key PEM."""
+    done = subprocess.run(
+        ["nebula-cert", "keygen", "-out-key", str(d / "user.key"), "-out-pub", str(d / "user.pub")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode != 0:
+        fail(f"nebula-cert keygen failed: {done.stderr.strip()}")
+    os.chmod(d / "user.key", 0o600)
+    return (d / "user.pub").read_text()
+
+
+def _jobs_url(dashboard_url: str, head: str) -> str:
+    """The head's Jobs API on its overlay address (its dashboard binds it), or ""."""
+    port = dashboard_url.rstrip("/").rpartition(":")[2]
+    return f"http://{head}:{port}" if port.isdigit() and head else ""
 
 
 def _interrupt(_sig: int, _frame: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -12,20 +13,36 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loom.protocol.overlay import OverlayGrant
+from loom.protocol.overlay import OverlayGrant, OverlayRenewal
 
 CA_NAME = "loom overlay"
 CA_DURATION_H = 24 * 365 * 5
-#: Certificates outlive the cluster's planned end by this much (renewed while it lives).
-CERT_SLACK_S = 3600
-#: The shortest certificate ever signed.
+#: Member certificates live this long by default (``--overlay-cert-lifetime``), or until
+#: the cluster's planned end plus :data:`CERT_SLACK_S` if that is sooner.
+CERT_LIFETIME_S = 4 * 3600.0
+CERT_SLACK_S = 300
+#: The shortest certificate signed (unless the configured lifetime is shorter: tests).
 MIN_CERT_S = 600
+#: A certificate is renewed once less than this share of its lifetime is left.
+RENEW_AT = 1 / 3
 LIGHTHOUSE_NAME = "lighthouse"
 LIGHTHOUSE_GROUP = "loom-lighthouse"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One certificate holder: its cluster, address, public key and current certificate."""
+
+    cluster: str
+    ip: str
+    #: The holder's public key PEM ("" until a certificate was signed for it).
+    pub: str = ""
+    expires: float = 0.0
+    lifetime: float = 0.0
 
 
 class OverlayConfigError(ValueError):
@@ -40,6 +57,8 @@ class OverlaySettings:
     advertise: str
     network: str
     data_dir: Path
+    #: ``--overlay-cert-lifetime`` (seconds).
+    cert_lifetime_s: float = CERT_LIFETIME_S
 
     @property
     def net(self) -> ipaddress.IPv4Network:
@@ -108,8 +127,8 @@ class Authority:
         self._book_path = self.dir / "addresses.json"
         self._ensure_ca()
         self.ca_crt = self.ca_crt_path.read_text()
-        #: member id -> [cluster id, overlay address]
-        self._book: dict[str, list[str]] = self._load()
+        #: member id (or user certificate name) -> its entry
+        self._book: dict[str, Entry] = self._load()
 
     @property
     def lighthouse_ip(self) -> str:
@@ -137,36 +156,52 @@ class Authority:
         )
         os.chmod(self.ca_key_path, 0o600)
 
-    def _load(self) -> dict[str, list[str]]:
+    def _load(self) -> dict[str, Entry]:
         try:
             raw = json.loads(self._book_path.read_text())
         except (OSError, ValueError):
             return {}
-        return {str(k): [str(v[0]), str(v[1])] for k, v in raw.items() if len(v) == 2}
+        book: dict[str, Entry] = {}
+        for k, v in raw.items():
+            if isinstance(v, list) and len(v) == 2:  # written before keys were the agents'
+                book[str(k)] = Entry(str(v[0]), str(v[1]))
+            elif isinstance(v, dict) and {"cluster", "ip"} <= v.keys():
+                book[str(k)] = Entry(
+                    str(v["cluster"]),
+                    str(v["ip"]),
+                    str(v.get("pub", "")),
+                    float(v.get("expires", 0.0)),
+                    float(v.get("lifetime", 0.0)),
+                )
+        return book
 
     def _save(self) -> None:
         tmp = self._book_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._book, sort_keys=True))
+        tmp.write_text(json.dumps({k: asdict(v) for k, v in self._book.items()}, sort_keys=True))
         tmp.replace(self._book_path)
 
     def address_of(self, member_id: str) -> str | None:
         with self._lock:
             entry = self._book.get(member_id)
-        return entry[1] if entry else None
+        return entry.ip if entry else None
+
+    def entry(self, member_id: str) -> Entry | None:
+        with self._lock:
+            return self._book.get(member_id)
 
     def allocate(self, cluster_id: str, member_id: str) -> str:
         """The member's overlay address (the same one on every call)."""
         with self._lock:
             entry = self._book.get(member_id)
             if entry is not None:
-                return entry[1]
-            used = {v[1] for v in self._book.values()}
+                return entry.ip
+            used = {v.ip for v in self._book.values()}
             first = int(self.net.network_address) + 2  # .1 is the lighthouse
             last = int(self.net.broadcast_address) - 1
             for value in range(first, last + 1):
                 ip = str(ipaddress.IPv4Address(value))
                 if ip not in used:
-                    self._book[member_id] = [cluster_id, ip]
+                    self._book[member_id] = Entry(cluster_id, ip)
                     self._save()
                     return ip
         raise RuntimeError(f"the overlay network {self.net} is full: choose a larger one")
@@ -174,21 +209,32 @@ class Authority:
     def release_cluster(self, cluster_id: str) -> list[str]:
         """Free the addresses of a cluster's members; returns those member ids."""
         with self._lock:
-            gone = [m for m, v in self._book.items() if v[0] == cluster_id]
+            gone = [m for m, v in self._book.items() if v.cluster == cluster_id]
             for m in gone:
                 del self._book[m]
             if gone:
                 self._save()
         return gone
 
-    def sign(self, name: str, ip: str, groups: list[str], duration_s: float) -> tuple[str, str]:
-        """(certificate, private key) PEM for ``name`` at ``ip`` in ``groups``."""
+    def sign(
+        self,
+        name: str,
+        ip: str,
+        groups: list[str],
+        duration_s: float,
+        public_key: str | None = None,
+    ) -> tuple[str, str]:
+        """(certificate, private key) PEM for ``name`` at ``ip`` in ``groups``.
+
+        With ``public_key`` (a member's or user's, generated where it is used) only the
+        certificate is made and the key is "": the private key never passes here.
+        """
         for g in [name, *groups]:
             if not _SAFE.match(g):
                 raise ValueError(f"bad certificate name or group {g!r}")
-        seconds = max(MIN_CERT_S, int(duration_s))
+        seconds = max(1, int(duration_s))
         with tempfile.TemporaryDirectory(prefix="loom-cert-") as tmp:
-            crt, key = Path(tmp) / "m.crt", Path(tmp) / "m.key"
+            crt, key, pub = Path(tmp) / "m.crt", Path(tmp) / "m.key", Path(tmp) / "m.pub"
             argv = [
                 nebula_cert(),
                 "sign",
@@ -204,33 +250,83 @@ class Authority:
                 f"{seconds}s",
                 "-out-crt",
                 str(crt),
-                "-out-key",
-                str(key),
             ]
+            if public_key is not None:
+                pub.write_text(public_key)
+                argv += ["-in-pub", str(pub)]
+            else:
+                argv += ["-out-key", str(key)]
             if groups:
                 argv += ["-groups", ",".join(groups)]
             _run(argv)
-            return crt.read_text(), key.read_text()
+            return crt.read_text(), "" if public_key is not None else key.read_text()
+
+    def lifetime(self, ends_at: float | None, now: float) -> float:
+        """A new certificate's lifetime: the configured one, or the cluster's rest if sooner."""
+        configured = self.settings.cert_lifetime_s
+        if ends_at:
+            configured = min(configured, ends_at - now + CERT_SLACK_S)
+        return max(min(MIN_CERT_S, self.settings.cert_lifetime_s), configured)
 
     def grant(
-        self, cluster_id: str, member_id: str, ends_at: float | None, now: float | None = None
+        self,
+        cluster_id: str,
+        member_id: str,
+        ends_at: float | None,
+        public_key: str,
+        now: float | None = None,
     ) -> OverlayGrant:
-        """A member's certificate and how to reach the lighthouse."""
+        """A member's certificate for its own ``public_key``, and how to reach the lighthouse."""
         now = time.time() if now is None else now
         ip = self.allocate(cluster_id, member_id)
-        lifetime = (ends_at - now if ends_at else 24 * 3600) + CERT_SLACK_S
-        crt, key = self.sign(member_id, ip, [cluster_group(cluster_id)], lifetime)
+        lifetime = self.lifetime(ends_at, now)
+        crt, _ = self.sign(member_id, ip, [cluster_group(cluster_id)], lifetime, public_key)
+        with self._lock:
+            if member_id in self._book:
+                self._book[member_id] = Entry(cluster_id, ip, public_key, now + lifetime, lifetime)
+                self._save()
         return OverlayGrant(
             ca_crt=self.ca_crt,
             crt=crt,
-            key=key,
             overlay_ip=ip,
             prefix_len=self.net.prefixlen,
             group=cluster_group(cluster_id),
             lighthouse_ip=self.lighthouse_ip,
             lighthouse_addresses=self.settings.advertised(),
-            expires_at=now + max(MIN_CERT_S, lifetime),
+            expires_at=now + lifetime,
         )
+
+    def due(self, now: float) -> list[str]:
+        """Members whose certificate has less than :data:`RENEW_AT` of its lifetime left."""
+        with self._lock:
+            return sorted(
+                m
+                for m, e in self._book.items()
+                if e.pub and e.expires - now < e.lifetime * RENEW_AT
+            )
+
+    def renew(self, member_id: str, ends_at: float | None, now: float) -> OverlayRenewal | None:
+        """A new certificate for the member's same key, address and group (None: unknown).
+
+        Call :meth:`renewed` once the member took it (until then it stays due).
+        """
+        entry = self.entry(member_id)
+        if entry is None or not entry.pub:
+            return None
+        lifetime = self.lifetime(ends_at, now)
+        crt, _ = self.sign(member_id, entry.ip, [cluster_group(entry.cluster)], lifetime, entry.pub)
+        return OverlayRenewal(member_id=member_id, crt=crt, expires_at=now + lifetime)
+
+    def renewed(self, renewal: OverlayRenewal, now: float) -> None:
+        """Record that the member now uses ``renewal`` (no-op if it was released meanwhile)."""
+        with self._lock:
+            entry = self._book.get(renewal.member_id)
+            if entry is None:
+                return
+            self._book[renewal.member_id] = dataclasses.replace(
+                entry, expires=renewal.expires_at, lifetime=renewal.expires_at - now
+            )
+            self._save()
 
     def lighthouse_files(self) -> tuple[Path, Path]:
         """The lighthouse's own certificate and key (signed once, renewed when near expiry)."""

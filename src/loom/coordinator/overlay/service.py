@@ -1,19 +1,29 @@
 """The overlay as the rest of the coordinator sees it.
 
 ``install(state)`` at start-up (when ``--overlay-listen`` is given), ``grant_args`` for
-every ``member.start``, ``release`` when a cluster ends, ``member_fields`` for the status.
-With the overlay off every call is a no-op and members use the agents' addresses.
+every ``member.start`` (asks the agent for the member's public key first), ``renew_step``
+on a loop (fresh certificates for the members of live clusters, pushed to their agents),
+``release`` when a cluster ends, ``annotate`` for the status. With the overlay off every
+call is a no-op and members use the agents' addresses.
+
+The renewal runs as a plain loop on every replica (``state.spawn_loop``): the address book
+and CA are this coordinator's files, so a replica renews what it signed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from loom.coordinator.config import Settings
+from loom.coordinator.db.models import Cluster, Member
+from loom.coordinator.hub import AgentNotConnected, CommandFailed
 from loom.coordinator.overlay.authority import (
     Authority,
     OverlayConfigError,
@@ -21,11 +31,23 @@ from loom.coordinator.overlay.authority import (
     nebula_cert,
 )
 from loom.coordinator.overlay.lighthouse import Lighthouse, nebula_binary
+from loom.core.models import ClusterState, MemberState
 from loom.protocol.api import ClusterOut
-from loom.protocol.commands import MemberStart
+from loom.protocol.commands import MemberOverlayCert, MemberStart
 from loom.protocol.messages import Report
 
 log = logging.getLogger(__name__)
+
+#: How long an agent may take to generate a key / swap a certificate.
+KEY_TIMEOUT_S = 30.0
+#: Clusters whose members keep getting certificates.
+LIVE_CLUSTERS = (
+    ClusterState.REQUESTED.value,
+    ClusterState.PROVISIONING.value,
+    ClusterState.RUNNING.value,
+    ClusterState.HEALING.value,
+)
+LIVE_MEMBERS = (MemberState.ASSIGNED.value, MemberState.STARTING.value, MemberState.READY.value)
 
 
 @dataclass
@@ -51,7 +73,13 @@ def overlay_settings(settings: Settings) -> OverlaySettings | None:
         advertise=settings.overlay_advertise,
         network=settings.overlay_network,
         data_dir=data_dir,
+        cert_lifetime_s=settings.overlay_cert_lifetime_s,
     )
+
+
+def renew_interval(settings: OverlaySettings) -> float:
+    """How often the renewal step runs: often enough for the shortest lifetime."""
+    return max(0.5, min(60.0, settings.cert_lifetime_s / 12))
 
 
 async def install(state: Any) -> Overlay | None:
@@ -73,6 +101,11 @@ async def install(state: Any) -> Overlay | None:
             overlay.relayed[member_id] = bool(report.data.get("relayed"))
 
     state.hub.on_report("member.overlay", on_overlay_report)
+
+    async def renewal() -> None:
+        await renew_step(state)
+
+    state.spawn_loop("overlay-renewal", renew_interval(config), renewal)
     return overlay
 
 
@@ -83,14 +116,91 @@ def current(state: Any) -> Overlay | None:
 
 
 async def grant_args(
-    state: Any, command: MemberStart, cluster_id: str, member_id: str, ends_at: float | None
+    state: Any,
+    command: MemberStart,
+    cluster_id: str,
+    member_id: str,
+    ends_at: float | None,
+    node_id: str | None = None,
 ) -> MemberStart:
-    """``member.start`` with the member's overlay grant (unchanged when off)."""
+    """``member.start`` with the member's overlay grant (unchanged when off).
+
+    Asks the member's agent for its public key first (``member.overlay_key``): the agent
+    generates the keypair and keeps the private key. An agent that cannot join overlays
+    answers no key and gets no grant. Raises AgentNotConnected / CommandFailed.
+    """
     overlay = current(state)
     if overlay is None:
         return command
-    grant = await asyncio.to_thread(overlay.authority.grant, cluster_id, member_id, ends_at)
+    if node_id is None:
+        async with state.session() as session:
+            member = await session.get(Member, member_id)
+            if member is None:
+                raise CommandFailed(f"member {member_id} is gone")
+            node_id = member.node_id
+    key = await state.agents.member_overlay_key(
+        node_id, cluster_id, member_id, timeout=KEY_TIMEOUT_S
+    )
+    if not key.public_key:
+        return command
+    grant = await asyncio.to_thread(
+        overlay.authority.grant, cluster_id, member_id, ends_at, key.public_key
+    )
     return command.model_copy(update={"overlay": grant})
+
+
+async def renew_step(state: Any, now: float | None = None) -> list[str]:
+    """Renew the certificates that are due, for members of live clusters; push each one.
+
+    Returns the member ids whose agent took a renewed certificate. A member of a cluster
+    that ended (or a member that ended) gets none; its address is released if its cluster
+    is over. A user certificate (``cluster connect``) is not renewed here: run connect again.
+    """
+    overlay = current(state)
+    if overlay is None:
+        return []
+    now = time.time() if now is None else now
+    authority = overlay.authority
+    due = authority.due(now)
+    if not due:
+        return []
+    async with state.session() as session:
+        rows = (
+            await session.execute(
+                select(
+                    Member.id,
+                    Member.node_id,
+                    Member.state,
+                    Cluster.id,
+                    Cluster.state,
+                    Cluster.expires_at,
+                )
+                .join(Cluster, Cluster.id == Member.cluster_id)
+                .where(Member.id.in_(due))
+            )
+        ).all()
+    renewed: list[str] = []
+    for member_id, node_id, member_state, cluster_id, cluster_state, ends_at in rows:
+        if cluster_state not in LIVE_CLUSTERS:
+            release(state, cluster_id)  # missed at teardown (e.g. a restart): free it now
+            continue
+        if member_state not in LIVE_MEMBERS:
+            continue
+        renewal = await asyncio.to_thread(authority.renew, member_id, ends_at, now)
+        if renewal is None:
+            continue
+        command = MemberOverlayCert(
+            member_id=member_id, crt=renewal.crt, expires_at=renewal.expires_at
+        )
+        try:
+            reply = await state.agents.member_overlay_cert(node_id, command, timeout=KEY_TIMEOUT_S)
+        except (AgentNotConnected, CommandFailed) as exc:
+            log.warning("overlay: pushing %s's renewed certificate failed: %s", member_id, exc)
+            continue
+        if reply.reloaded:
+            authority.renewed(renewal, now)
+            renewed.append(member_id)
+    return renewed
 
 
 def release(state: Any, cluster_id: str) -> None:
