@@ -16,8 +16,13 @@ from sqlalchemy import Table, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from loom.coordinator import leases
-from loom.coordinator.db.engine import create_engine, migrate, session_factory
-from loom.coordinator.db.models import Cluster, LeaseAudit
+from loom.coordinator.config import Settings
+from loom.coordinator.db.engine import create_engine, is_sqlite, migrate, session_factory
+from loom.coordinator.db.models import Cluster, LeaseAudit, Member, Node
+from loom.coordinator.loops.cluster_work import ClusterWork
+from loom.coordinator.loops.clusters import ClusterLoop
+from loom.coordinator.loops.settlement import run_settlement
+from loom.coordinator.state import CoordinatorState
 
 T0 = 1_800_000_000.0
 CLUSTERS = cast(Table, Cluster.__table__)
@@ -227,3 +232,161 @@ async def test_role_lease_one_holder_kept_while_renewed_taken_over_after_expiry(
     assert await claim(mine, holder.owner, T0 + 21) is not None  # released: free at once
     audit = await _audit(a)
     assert audit == [("c-1", "settle", holder.owner)]
+
+
+# --------------------------------------------------------------- the cluster reconciler
+
+
+def _replica(engine: AsyncEngine, db_url: str, name: str) -> CoordinatorState:
+    settings = Settings(db_url=db_url, replica_id=name, cluster_lease_s=30.0, tune_gc=False)
+    return CoordinatorState(settings=settings, engine=engine, sessions=session_factory(engine))
+
+
+async def _seed_running(sessions: async_sessionmaker[AsyncSession], n: int) -> None:
+    """`n` running clusters past their duration, each with a head on its own node (whose
+    agent is not connected: stopping it is skipped, the rows still end)."""
+    async with sessions() as s:
+        for i in range(n):
+            s.add(
+                Node(
+                    id=f"n-{i:04d}",
+                    node_key=f"{i:064x}",
+                    owner_key="cd" * 32,
+                    name=f"box{i}",
+                    region="eu-west",
+                    state="allocated",
+                    state_changed_at=T0,
+                    registered_at=T0,
+                )
+            )
+        await s.flush()
+        for i in range(n):
+            cluster = _cluster(i, state="running")
+            cluster.expires_at = T0 + 60
+            s.add(cluster)
+        await s.flush()
+        for i in range(n):
+            s.add(
+                Member(
+                    id=f"m-{i:04d}",
+                    cluster_id=f"c-{i:04d}",
+                    node_id=f"n-{i:04d}",
+                    role="head",
+                    state="ready",
+                    model="cpu",
+                    units=1,
+                    price_micro=0,
+                    created_at=T0,
+                    ready_at=T0,
+                )
+            )
+        await s.commit()
+
+
+@pytest.fixture
+def replicas(
+    engines: tuple[AsyncEngine, AsyncEngine], db_url: str
+) -> tuple[CoordinatorState, CoordinatorState]:
+    return _replica(engines[0], db_url, "r-a"), _replica(engines[1], db_url, "r-b")
+
+
+async def test_two_reconcilers_racing_end_every_cluster_exactly_once(
+    replicas: tuple[CoordinatorState, CoordinatorState],
+) -> None:
+    a, b = replicas
+    await _seed_running(a.sessions, 16)
+    loop_a, loop_b = ClusterLoop(a, batch=3), ClusterLoop(b, batch=3)
+    claimed: list[str] = []
+    for _ in range(10):
+        got = await asyncio.gather(loop_a.run_once(T0 + 100), loop_b.run_once(T0 + 100))
+        claimed += got[0] + got[1]
+        if not got[0] and not got[1]:
+            break
+    async with a.sessions() as s:
+        assert set((await s.execute(select(Cluster.state))).scalars()) == {"terminated"}
+        assert set((await s.execute(select(Member.state))).scalars()) == {"released"}
+        reasons = set((await s.execute(select(Cluster.reason))).scalars())
+        assert reasons == {"duration expired"}
+    audit = await _audit(a.sessions)
+    counts = Counter((item, action) for item, action, _ in audit)
+    for i in range(16):
+        cid, mid = f"c-{i:04d}", f"m-{i:04d}"
+        assert counts[(cid, "running:check")] == 1
+        assert counts[(cid, f"member.released:{mid}")] == 1
+        assert counts[(cid, "terminating->ended")] == 1
+    owners = {owner for _, _, owner in audit}
+    assert owners <= {"r-a", "r-b"}
+    assert sorted(claimed) == [f"c-{i:04d}" for i in range(16)]  # each claimed once
+
+
+async def test_reconciler_takes_a_dead_replicas_cluster_over_only_after_expiry(
+    replicas: tuple[CoordinatorState, CoordinatorState],
+) -> None:
+    a, b = replicas
+    await _seed_running(a.sessions, 1)
+    async with a.sessions() as s:  # r-a claims it, then dies without working on it
+        dead = await leases.claim_one(s, CLUSTERS, "c-0000", owner="r-a", now=T0 + 100, ttl_s=30)
+        await s.commit()
+    assert dead is not None
+    loop_b = ClusterLoop(b)
+    assert await loop_b.run_once(T0 + 120) == []
+    assert await loop_b.run_once(T0 + 131) == ["c-0000"]
+    async with b.sessions() as s:
+        cluster = await s.get(Cluster, "c-0000")
+        assert cluster is not None and cluster.state == "terminated"
+        assert cluster.lock_owner is None  # released when done
+    assert {o for _, _, o in await _audit(a.sessions)} == {"r-b"}
+
+
+async def test_a_stalled_reconcilers_apply_is_dropped_after_takeover(
+    replicas: tuple[CoordinatorState, CoordinatorState],
+) -> None:
+    a, b = replicas
+    await _seed_running(a.sessions, 1)
+    async with a.sessions() as s:
+        held = await leases.claim_one(s, CLUSTERS, "c-0000", owner="r-a", now=T0, ttl_s=30)
+        await s.commit()
+    assert held is not None
+    stalled = ClusterWork(a, held, started_at=T0, ttl_s=30)
+    assert await ClusterLoop(b).run_once(T0 + 100) == ["c-0000"]  # r-b: expired, taken over
+    with pytest.raises(leases.StaleLease):
+        async with stalled.apply("running:check") as s:
+            cluster = await s.get(Cluster, "c-0000")
+            assert cluster is not None
+            cluster.reason = "written by a stale replica"
+    with pytest.raises(leases.StaleLease):
+        await stalled.renew()
+    async with a.sessions() as s:
+        cluster = await s.get(Cluster, "c-0000")
+        assert cluster is not None and cluster.state == "terminated"
+        assert cluster.reason == "duration expired"
+
+
+async def test_restart_frees_its_own_leases(
+    replicas: tuple[CoordinatorState, CoordinatorState], db_url: str
+) -> None:
+    a, _b = replicas
+    await _seed_running(a.sessions, 2)
+    async with a.sessions() as s:
+        assert await leases.claim_one(s, CLUSTERS, "c-0000", owner="r-a", now=T0, ttl_s=30)
+        assert await leases.claim_one(s, CLUSTERS, "c-0001", owner="r-b", now=T0, ttl_s=30)
+        assert await leases.claim_role(s, "settlement", "r-a", T0, 30)
+        await s.commit()
+    freed = await ClusterLoop(a).recover()  # r-a restarted under the same replica id
+    async with a.sessions() as s:
+        rows = await s.execute(select(Cluster.id, Cluster.lock_owner))
+        owners = {str(r[0]): r[1] for r in rows}
+    if is_sqlite(db_url):  # the only process: everything left leased is freed
+        assert freed == 3 and owners == {"c-0000": None, "c-0001": None}
+    else:
+        assert freed == 2 and owners == {"c-0000": None, "c-0001": "r-b"}
+
+
+async def test_only_the_settlement_role_holder_settles(
+    replicas: tuple[CoordinatorState, CoordinatorState],
+) -> None:
+    a, b = replicas
+    results = await asyncio.gather(run_settlement(a, T0), run_settlement(b, T0))
+    assert sorted(r.skipped for r in results) == [False, True]
+    again = await asyncio.gather(run_settlement(a, T0 + 30), run_settlement(b, T0 + 30))
+    assert [r.skipped for r in again] == [r.skipped for r in results]  # the holder keeps it

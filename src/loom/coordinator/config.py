@@ -64,3 +64,6 @@ class Settings:
     bus_url: str = ""
     #: This replica's name: the owner written on the leases it holds (loom.coordinator.leases).
     replica_id: str = field(default_factory=default_replica_id)
+    #: How long a replica's lease on a cluster lasts without renewal (renewed every third
+    #: of it while the cluster is worked on): how soon another replica takes over its work.
+    cluster_lease_s: float = 30.0

@@ -30,7 +30,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Table, and_, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, Table, and_, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -212,6 +212,31 @@ async def guard(
     return True
 
 
+async def release_owned(session: AsyncSession, tables: list[Table], owner: str | None) -> int:
+    """At start-up: free the leases a previous process left behind.
+
+    `owner` None frees every lease (SQLite: the embedded coordinator is the only process, so
+    whatever is leased belongs to a process that is gone); otherwise those of `owner` (a
+    replica restarted under the same ``--replica-id``: none of its old work runs any more).
+    """
+    freed = 0
+    for table in tables:
+        stmt = update(table).where(table.c.lock_owner.is_not(None))
+        if owner is not None:
+            stmt = stmt.where(table.c.lock_owner == owner)
+        freed += _rowcount(
+            await session.execute(
+                stmt.values(lock_owner=None, lock_token=None, lock_expires_at=None)
+            )
+        )
+    t = _role_table()
+    roles = update(t).where(t.c.owner != "")
+    if owner is not None:
+        roles = roles.where(t.c.owner == owner)
+    freed += _rowcount(await session.execute(roles.values(owner="", token="", expires_at=0.0)))
+    return freed
+
+
 # ------------------------------------------------------------------------ role leases
 
 
@@ -276,10 +301,18 @@ async def release_role(session: AsyncSession, lease: Lease) -> bool:
 
 
 async def guard_role(
-    session: AsyncSession, lease: Lease, *, action: str, item_id: str, now: float
+    session: AsyncSession,
+    lease: Lease,
+    *,
+    action: str,
+    item_id: str,
+    now: float,
+    record: bool = True,
 ) -> bool:
     """Begin an apply done under a role: the role row is locked until commit (PostgreSQL)
-    and ``(role, item_id, action)`` audited. False: the role was taken over; roll back."""
+    and ``(role, item_id, action)`` audited (unless `record` is False: then call
+    ``audit_role`` once the apply knows it did something). False: the role was taken over;
+    roll back."""
     t = _role_table()
     result = await session.execute(
         update(t)
@@ -289,6 +322,15 @@ async def guard_role(
     if _rowcount(result) != 1:
         _count_stale(ROLE, lease.item_id, lease.owner, action)
         return False
+    if record:
+        audit_role(session, lease, action=action, item_id=item_id, now=now)
+    return True
+
+
+def audit_role(
+    session: AsyncSession, lease: Lease, *, action: str, item_id: str, now: float
+) -> None:
+    """Record ``(role:<name>, item_id, action)`` in the apply's transaction."""
     session.add(
         LeaseAudit(
             kind=f"role:{lease.item_id}"[:32],
@@ -299,19 +341,27 @@ async def guard_role(
             at=now,
         )
     )
-    return True
+
+
+async def purge_audit(session: AsyncSession, before: float) -> int:
+    """Forget audit rows older than `before` (the explorer sampler keeps a week)."""
+    t = cast(Table, LeaseAudit.__table__)
+    return _rowcount(await session.execute(delete(t).where(t.c.at < before)))
 
 
 __all__ = [
     "Lease",
     "StaleLease",
     "audit",
+    "audit_role",
     "claim",
     "claim_one",
     "claim_role",
     "guard",
     "guard_role",
+    "purge_audit",
     "release",
+    "release_owned",
     "release_role",
     "renew",
     "renew_role",

@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from loom.coordinator.agent_client import AgentClient
 from loom.coordinator.config import Settings
 from loom.coordinator.hub import AgentHub
-from loom.coordinator.metrics import count_loop_item_error
 from loom.coordinator.placement_index import PlacementIndex
 from loom.coordinator.services.ledger_sequencer import Sequencer
 
@@ -31,7 +29,9 @@ class CoordinatorState:
     agents: AgentClient = field(init=False)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     background: set[asyncio.Task[None]] = field(default_factory=set)
-    driving: set[str] = field(default_factory=set)
+    #: Set to wake the cluster reconciler (loops/clusters.py) at once: the API after it
+    #: wrote a cluster row, healing after it marked a member lost, the bus for other replicas.
+    clusters_wake: asyncio.Event = field(default_factory=asyncio.Event)
     #: One heartbeat flush at a time (the flusher loop and the watchdog both flush).
     flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: At most this many handshakes write to the database at once.
@@ -65,23 +65,8 @@ class CoordinatorState:
 
         self.tasks.append(asyncio.create_task(runner(), name=name))
 
-    def drive(self, cluster_id: str, work: Coroutine[Any, Any, None]) -> None:
-        """Run `work` for a cluster in the background; the reconciler skips driven clusters."""
-        self.driving.add(cluster_id)
-
-        async def run() -> None:
-            try:
-                await work
-            except Exception:  # isolated: logged and counted, other clusters unaffected
-                log.exception("driving cluster %s failed", cluster_id)
-                count_loop_item_error("drive")
-            finally:
-                self.driving.discard(cluster_id)
-
-        self.track(asyncio.create_task(run()))
-
     def track(self, task: asyncio.Task[None]) -> None:
-        """Keep a reference to background work (provisioning, teardown) until it ends."""
+        """Keep a reference to background work (a cluster's step, a sync) until it ends."""
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 

@@ -6,9 +6,10 @@ import time
 
 from fastapi import APIRouter, Query
 
-from loom.coordinator import provisioner
 from loom.coordinator.api.deps import CallerDep, SessionDep, StateDep
+from loom.coordinator.db.models import Cluster
 from loom.coordinator.errors import Conflict
+from loom.coordinator.loops.clusters import wait_ended
 from loom.coordinator.overlay import service as overlay_service
 from loom.coordinator.services import clusters as cluster_service
 from loom.core.models import ClusterState
@@ -16,23 +17,31 @@ from loom.protocol.api import ClusterCreate, ClusterOut
 
 router = APIRouter(prefix="/v1", tags=["clusters"])
 
+#: How long DELETE waits for the reconciler to finish the teardown (the SDK waits 120 s;
+#: a member start in flight may take up to 90 s before the teardown can begin).
+DOWN_WAIT_S = 110.0
+
 
 @router.post("/clusters", response_model=ClusterOut, status_code=201)
 async def create_cluster(
     body: ClusterCreate, session: SessionDep, state: StateDep, caller: CallerDep
 ) -> ClusterOut:
-    """Validate the spec, place it, reserve the devices, and start provisioning."""
+    """Validate the spec, place it, reserve the devices; the reconciler provisions it.
+
+    Placement and reservation stay in the request, so a spec that cannot be placed is a
+    422/409 at once; the row is committed `provisioning` and the reconciler is woken.
+    """
     spec = cluster_service.parse_user_spec(body.spec)
     cluster = await cluster_service.create_cluster(
         session,
         caller,
         spec,
         time.time(),
-        connected=state.hub.connections.keys(),
+        connected=state.hub.present,
         require_verified=state.settings.require_verified,
         index=state.placement,
     )
-    state.drive(cluster.id, provisioner.provision(state, cluster.id))
+    state.clusters_wake.set()  # create_cluster committed it
     return await cluster_service.cluster_out(session, cluster)
 
 
@@ -58,17 +67,22 @@ async def get_cluster(
 async def delete_cluster(
     ref: str, session: SessionDep, state: StateDep, caller: CallerDep
 ) -> ClusterOut:
-    """Tear the cluster down: stop every member and free its devices (waits until done)."""
+    """Tear the cluster down: marked `terminating`; the reconciler stops every member and
+    frees its devices. Waits (bounded) until it ended, so `loom cluster down` shows the end."""
     cluster = await cluster_service.get_cluster(session, caller, ref)
-    if cluster.state in (ClusterState.TERMINATED.value, ClusterState.FAILED.value):
-        raise Conflict("cluster_ended", f"cluster {cluster.name} already ended ({cluster.state})")
     cluster_id = cluster.id
+    locked = await session.get(Cluster, cluster_id, with_for_update=True, populate_existing=True)
+    assert locked is not None
+    if locked.state in (ClusterState.TERMINATED.value, ClusterState.FAILED.value):
+        raise Conflict("cluster_ended", f"cluster {locked.name} already ended ({locked.state})")
+    if locked.state == ClusterState.REQUESTED.value:
+        raise Conflict("cluster_creating", f"cluster {locked.name} is still being created; retry")
+    cluster_service.transition(
+        session, locked, ClusterState.TERMINATING, "down requested by owner", time.time()
+    )
     await session.commit()
-    state.driving.add(cluster_id)
-    try:
-        await provisioner.teardown(state, cluster_id, reason="down requested by owner")
-    finally:
-        state.driving.discard(cluster_id)
+    state.clusters_wake.set()
+    await wait_ended(state, cluster_id, timeout=DOWN_WAIT_S)
     session.expire_all()
     cluster = await cluster_service.get_cluster(session, caller, cluster_id)
     return await cluster_service.cluster_out(session, cluster)

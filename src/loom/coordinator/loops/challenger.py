@@ -13,6 +13,12 @@ only its own agents, so replicas never challenge the same device):
   the device's last measured challenge time. The expected fraction of the device's time
   spent proving itself is then below ``budget`` (1 % by default) and the prover cannot
   predict when the next challenge comes.
+
+Each device to challenge is claimed first (``loom.coordinator.leases``: its row's lease,
+for as long as a challenge may take), so two replicas that both briefly hold a socket for
+one node (an agent reconnecting) never challenge the same device at once; a device whose
+lease another replica holds is left out of the plan. The leases are given back at the first
+step after the node's challenges ended.
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ from __future__ import annotations
 import math
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable
+from typing import cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 
+from loom.coordinator import leases
 from loom.coordinator.challenger import Challenger, Plan
 from loom.coordinator.db.batching import chunks
 from loom.coordinator.db.models import Device, Node
@@ -33,6 +42,58 @@ from loom.core.challenge import params_for
 from loom.core.models import DeviceState, NodeState
 
 Random = Callable[[], float]
+
+DEVICES = cast(Table, Device.__table__)
+#: Device leases each challenger holds, by node, until that node's challenges ended.
+_held: weakref.WeakKeyDictionary[Challenger, dict[str, list[leases.Lease]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def lease_ttl_s(challenger: Challenger) -> float:
+    """Long enough for one node's challenges (accept, then the openings)."""
+    cfg = challenger.config
+    return 2 * (cfg.start_timeout_s + cfg.open_timeout_s)
+
+
+async def _release_finished(challenger: Challenger) -> None:
+    held = _held.setdefault(challenger, {})
+    done = [n for n in held if not challenger.node_busy(n)]
+    if not done:
+        return
+    async with challenger.state.session() as session:
+        for node_id in done:
+            for lease in held.pop(node_id):
+                await leases.release(session, DEVICES, lease)
+        await session.commit()
+
+
+async def _claim_plans(
+    challenger: Challenger, plans: dict[str, Plan], now: float
+) -> dict[str, Plan]:
+    """Keep only the devices this replica could lease (per node: a handful of ids)."""
+    state = challenger.state
+    held = _held.setdefault(challenger, {})
+    out: dict[str, Plan] = {}
+    async with state.session() as session:
+        for node_id, plan in plans.items():
+            ids = [device_id for device_id, _ in plan]
+            got = await leases.claim(
+                session,
+                DEVICES,
+                owner=state.settings.replica_id,
+                now=now,
+                ttl_s=lease_ttl_s(challenger),
+                where=DEVICES.c.id.in_(ids),
+                limit=len(ids),
+            )
+            if not got:
+                continue
+            held.setdefault(node_id, []).extend(got)
+            claimed = {lease.item_id for lease in got}
+            out[node_id] = [(d, trigger) for d, trigger in plan if d in claimed]
+        await session.commit()
+    return out
 
 
 def recheck_probability(dt: float, duration_s: float, budget: float) -> float:
@@ -51,6 +112,8 @@ async def challenger_step(
     last = challenger.last_tick
     dt = cfg.loop_s if last is None else min(max(0.0, now - last), 10 * cfg.loop_s)
     challenger.last_tick = now
+    async with isolated("challenger", "leases"):
+        await _release_finished(challenger)
     connected = [n for n in state.hub.connections if not challenger.node_busy(n)]
     if not connected:
         return {}
@@ -67,6 +130,8 @@ async def challenger_step(
     for dev in devices:
         async with isolated("challenger", dev.id):
             _decide(challenger, dev, nodes[dev.node_id], hist.get(dev.id), now, dt, rng, plans)
+    if plans:
+        plans = await _claim_plans(challenger, plans, now)
     for node_id, node in nodes.items():
         async with isolated("challenger", node_id):
             if node_id in plans:

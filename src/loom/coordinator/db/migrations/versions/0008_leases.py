@@ -1,7 +1,9 @@
 """Leased work items (issue 11 §1): lock columns, role leases, the lease audit trail.
 
 - clusters: ``lock_owner``, ``lock_token``, ``lock_expires_at`` replace ``lease_until``
-  (an unexpired old lease keeps its expiry, owned by "pre-0008", so it lapses as before).
+  (an unexpired old lease keeps its expiry, owned by "pre-0008", so it lapses as before),
+  and ``fail_reason``: set when a cluster goes `terminating` to end `failed` (the
+  reconciler's teardown reads it; "" ends `terminated`).
 - devices: the same three columns (the challenger's lease).
 - leases: named role leases (name, owner, token, expires_at).
 - lease_audit: one row per action applied under a lease.
@@ -55,6 +57,7 @@ def upgrade() -> None:
     with op.batch_alter_table("clusters") as batch:
         for column in _lock_columns():
             batch.add_column(column)
+        batch.add_column(sa.Column("fail_reason", sa.Text(), nullable=False, server_default=""))
     op.execute(
         "UPDATE clusters SET lock_owner = 'pre-0008', lock_expires_at = lease_until "
         "WHERE lease_until > 0"
@@ -100,6 +103,7 @@ def downgrade() -> None:
         batch.add_column(sa.Column("lease_until", sa.Float(), nullable=False, server_default="0"))
     op.execute("UPDATE clusters SET lease_until = COALESCE(lock_expires_at, 0)")
     with op.batch_alter_table("clusters") as batch:
+        batch.drop_column("fail_reason")
         batch.drop_column("lock_expires_at")
         batch.drop_column("lock_token")
         batch.drop_column("lock_owner")
