@@ -176,6 +176,8 @@ class MemberManager:
             include_dashboard=cmd.role == "head",
         )
         grant = cmd.overlay
+        began = time.monotonic()
+        steps: dict[str, float] = {}  # where a member's start goes (logged when ready)
         if self.netns is not None:
             try:
                 net = await asyncio.to_thread(
@@ -183,12 +185,14 @@ class MemberManager:
                 )
             except NetnsError as exc:
                 raise RayNodeError(f"network of {spec.member_id}: {exc}") from None
+            steps["netns"] = time.monotonic() - began
             self.nets[spec.member_id] = net
             spec = dataclasses.replace(
                 spec, node_ip=net.ns_ip, netns=net.path, dashboard_host=net.ns_ip
             )
             if grant is not None:
                 spec = await self._join_overlay(spec, net, grant)
+                steps |= self.overlays[spec.member_id].timings
         elif grant is not None:
             log.warning(
                 "member %s: members share the host network here, so it does not join the "
@@ -198,9 +202,11 @@ class MemberManager:
             )
         node = RayNode(spec, self.runtime, self.ports)
         self.nodes[spec.member_id] = node
+        ray_began = time.monotonic()
         try:
             await node.start()
             info = await node.wait_ready(READY_TIMEOUT_S)
+            steps["ray"] = time.monotonic() - ray_began
         except (RayNodeError, OSError) as exc:
             self.nodes.pop(spec.member_id, None)
             with contextlib.suppress(Exception):
@@ -214,6 +220,13 @@ class MemberManager:
             node_ip=info.node_ip,
         )
         self.info[spec.member_id] = result
+        log.info(
+            "member %s (%s) ready in %.2f s: %s",
+            spec.member_id,
+            spec.role,
+            time.monotonic() - began,
+            ", ".join(f"{k} {v:.2f} s" for k, v in steps.items()),
+        )
         watcher = asyncio.create_task(self._watch(spec.member_id, node))
         self._watchers[spec.member_id] = watcher
         return result

@@ -170,6 +170,8 @@ class MemberOverlay:
         self.peers: dict[str, bool] = {}
         self._log_offset = 0
         self._watch: asyncio.Task[None] | None = None
+        #: Seconds each step took: "nebula" (start to tun up), "reach_head" (worker only).
+        self.timings: dict[str, float] = {}
 
     def _write_files(self) -> Path:
         if not (self.dir / KEY_FILE).exists():
@@ -213,7 +215,8 @@ class MemberOverlay:
         finally:
             out.close()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        began = loop.time()
+        deadline = began + timeout
         while not await asyncio.to_thread(self._tun_ready):
             if self.proc.returncode is not None or loop.time() > deadline:
                 tail = self.log_tail()
@@ -221,6 +224,7 @@ class MemberOverlay:
                 raise OverlayError(f"Nebula of the member did not come up: {tail}")
             await asyncio.sleep(0.05)
         await asyncio.to_thread(self._route_from_host)
+        self.timings["nebula"] = loop.time() - began
 
     async def wait_reachable(self, address: str, timeout: float = 45.0) -> None:
         """Wait until ``host:port`` (the head's GCS) accepts TCP over the overlay.
@@ -241,7 +245,8 @@ class MemberOverlay:
             f"exec 3<>/dev/tcp/{host}/{int(port)}",
         ]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        began = loop.time()
+        deadline = began + timeout
         while True:
             proc = await asyncio.create_subprocess_exec(
                 *probe,
@@ -250,6 +255,7 @@ class MemberOverlay:
                 stderr=asyncio.subprocess.DEVNULL,
             )
             if await proc.wait() == 0:
+                self.timings["reach_head"] = loop.time() - began
                 return
             if loop.time() > deadline:
                 raise OverlayError(
