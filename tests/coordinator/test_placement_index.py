@@ -11,18 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from sqlalchemy import event, func, select, update
+from sqlalchemy import Table, event, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from loom.client.sdk import LoomAPIError, LoomClient
 from loom.coordinator.db.batching import CHUNK
 from loom.coordinator.db.models import Allocation, Device, Node
 from loom.coordinator.placement_index import PlacementIndex
+from loom.coordinator.services import allocation, market
 from loom.coordinator.services import clusters as cluster_service
-from loom.coordinator.services import market
+from loom.core.challenge.capacity import offered_units
 from loom.core.placement import PlacementFailure, PlacementPlan, requirement_from_spec
 from loom.core.spec import parse_spec
 from loom.protocol.events import ChangeCause, NodeChanged, parse_event
@@ -216,6 +217,31 @@ def test_the_periodic_resync_repairs_a_missed_event(
     cluster = funded.create_cluster({"nodes": 1, "resources": {"cpus": 1}})
     assert [m.node_id for m in cluster.members] == [b]
     assert coordinator.run_coro(index.resync()) == 0  # the reservation's event was applied
+
+
+def test_the_reservation_computes_capacity_as_core_does(
+    coordinator: CoordinatorThread, agents: FakeAgents
+) -> None:
+    """The reservation's conditional UPDATE caps by ``offered_units`` in SQL: the same."""
+    node_id = add_node(coordinator, agents, "cap", cpu_cores=4)
+    table = cast(Table, Device.__table__)
+    cases = [(None, None), (0, None), (4, None), (4, 2), (4, 0), (4, 9), (1, -1), (3, 3)]
+
+    async def offered(count: int | None, verified: int | None) -> int:
+        async with coordinator.state.sessions() as session:
+            await session.execute(
+                update(Device)
+                .where(Device.id == f"{node_id}:cpu")
+                .values(count=count, verified_units=verified)
+            )
+            got = await session.scalar(
+                select(allocation.offered_expr(table)).where(table.c.id == f"{node_id}:cpu")
+            )
+            await session.rollback()
+            return int(got)
+
+    for count, verified in cases:
+        assert coordinator.run_coro(offered(count, verified)) == offered_units(count, verified)
 
 
 def test_placement_reads_nothing_and_an_urgent_change_unlists_at_once(
