@@ -3,6 +3,9 @@
 Run: .venv/bin/python bench/placement_live.py [--db URL] [--devices 100000] [--requests 300]
      [--before 5] [--record]
 
+A PostgreSQL URL runs in a fresh schema (``?schema=NAME`` is dropped and re-created; without
+one a throwaway schema is made), dropped at the end.
+
 A real coordinator (``create_app`` under uvicorn, its background loops running) on a real
 database (SQLite file by default, or ``--db postgresql://…``) holding ``--devices`` GPU devices
 written in bulk before start (``tests/support/supply.py``: nodes of 1, 2, 4 or 8 GPUs of one
@@ -14,10 +17,11 @@ the index's presence view is a set holding every node, and requests pass the sam
 the coordinator's event loop, 1..8 nodes of 1..2 models, a third pinned to a region, a third
 with a price cap; successful ones hold their devices, so supply drains and every reservation's
 events re-read nodes into the index. "placement" is the ``placement_s`` the coordinator
-records per cluster (its ``timings_json``); "request" adds reservation and commit.
-"after" uses the long-lived index; "before" is the same request with ``index=None`` (the
-index and scores rebuilt from the database per request, as before issue 11 §5), measured in
-the same run on the same data (``--before`` requests).
+records per cluster (its ``timings_json``); "reserve" the reservation (conditional UPDATEs,
+members, escrow hold) up to the commit; "request" the whole call, commit included.
+"after" uses the long-lived index; "before" is the same request with ``index=None`` (an
+index and scores loaded from the database for the request, as every request paid before
+issue 11 §5), measured in the same run on the same data (``--before`` requests).
 """
 
 from __future__ import annotations
@@ -29,12 +33,18 @@ import json
 import os
 import platform
 import random
+import secrets
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -72,6 +82,31 @@ def random_spec(rng: random.Random, i: int) -> dict[str, Any]:
     return spec
 
 
+async def _pg(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextmanager
+def fresh_schema(url: str) -> Iterator[str]:
+    """``url`` itself for SQLite; for PostgreSQL, ``url`` in a schema of its own, empty."""
+    if not url.startswith("postgres"):
+        yield url
+        return
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    schema = query.pop("schema", None) or f"plbench_{secrets.token_hex(4)}"
+    base = urlunsplit(parts._replace(query=urlencode(query)))
+    asyncio.run(_pg(base, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE; CREATE SCHEMA "{schema}"'))
+    try:
+        yield urlunsplit(parts._replace(query=urlencode({**query, "schema": schema})))
+    finally:
+        asyncio.run(_pg(base, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+
+
 async def prepare(url: str, devices: int) -> tuple[frozenset[str], int, float]:
     engine = create_engine(url)
     await migrate(engine)
@@ -98,7 +133,7 @@ def run(url: str, devices: int, requests: int, before: int, seed: int) -> dict[s
             client.request("POST", "/v1/credits/deposit", json={"amount": "100000"})
     rng = random.Random(seed)
 
-    async def one(spec: dict[str, Any], use_index: bool) -> tuple[float, float, bool]:
+    async def one(spec: dict[str, Any], use_index: bool) -> tuple[float, float, float, bool]:
         parsed = parse_spec(spec)
         t0 = time.perf_counter()
         async with state.sessions() as session:
@@ -113,20 +148,25 @@ def run(url: str, devices: int, requests: int, before: int, seed: int) -> dict[s
                     index=state.placement if use_index else None,
                 )
             except Conflict:
-                return (time.perf_counter() - t0) * 1000, (time.perf_counter() - t0) * 1000, False
+                took = (time.perf_counter() - t0) * 1000
+                return took, 0.0, took, False
         total = (time.perf_counter() - t0) * 1000
-        return json.loads(cluster.timings_json)["placement_s"] * 1000, total, True
+        timings = json.loads(cluster.timings_json)
+        return timings["placement_s"] * 1000, timings["reserve_s"] * 1000, total, True
 
     def measure(n: int, use_index: bool, offset: int) -> dict[str, Any]:
         place_ms: list[float] = []
+        reserve_ms: list[float] = []
         total_ms: list[float] = []
         ok = 0
         for i in range(n):
-            placed, total, success = server.run_coro(
+            placed, reserved, total, success = server.run_coro(
                 one(random_spec(rng, offset + i), use_index), timeout=600
             )
             place_ms.append(placed)
             total_ms.append(total)
+            if success:
+                reserve_ms.append(reserved)
             ok += success
         return {
             "n": n,
@@ -134,6 +174,8 @@ def run(url: str, devices: int, requests: int, before: int, seed: int) -> dict[s
             "p50": statistics.median(place_ms),
             "p99": pct(place_ms, 0.99),
             "max": max(place_ms),
+            "res_p50": statistics.median(reserve_ms) if reserve_ms else 0.0,
+            "res_p99": pct(reserve_ms, 0.99),
             "req_p50": statistics.median(total_ms),
             "req_p99": pct(total_ms, 0.99),
         }
@@ -165,8 +207,8 @@ def run(url: str, devices: int, requests: int, before: int, seed: int) -> dict[s
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| db | devices (GPU + CPU) | nodes | index | requests | placed | placement p50 ms "
-        "| placement p99 ms | max ms | request p50 / p99 ms |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| placement p99 ms | max ms | reserve p50 / p99 ms | request p50 / p99 ms |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         for label, m in (("after: long-lived", r["after"]), ("before: per request", r["before"])):
@@ -175,7 +217,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {r['db']} | {r['gpus']:,} + {r['devices'] - r['gpus']:,} | {r['nodes']:,} "
                 f"| {label} | {m['n']} | {m['ok']} | {m['p50']:.2f} | {m['p99']:.2f} "
-                f"| {m['max']:.1f} | {m['req_p50']:.1f} / {m['req_p99']:.1f} |"
+                f"| {m['max']:.1f} | {m['res_p50']:.1f} / {m['res_p99']:.1f} "
+                f"| {m['req_p50']:.1f} / {m['req_p99']:.1f} |"
             )
     notes = [
         f"- {r['db']}: bulk insert {r['insert_s']:.1f} s; coordinator start with index load "
@@ -200,7 +243,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for url in args.db or [f"sqlite:///{tmp}/bench.db"]:
             gc.collect()
-            row = run(url, args.devices, args.requests, args.before, args.seed)
+            with fresh_schema(url) as fresh:
+                row = run(fresh, args.devices, args.requests, args.before, args.seed)
             rows.append(row)
             print(json.dumps(row), flush=True)
     text = table(rows)
