@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from loom.coordinator import healing, tunnel_remote
 from loom.coordinator.api import agent_ws, clusters, errors, money, nodes, public, verification
 from loom.coordinator.api import docs as docs_api
 from loom.coordinator.api import explorer as explorer_api
@@ -21,8 +22,6 @@ from loom.coordinator.challenger import Challenger
 from loom.coordinator.config import Settings
 from loom.coordinator.confirmation import confirm_step
 from loom.coordinator.db.engine import create_engine, migrate, session_factory
-from loom.coordinator.loops import cluster_events
-from loom.coordinator.loops import clusters as cluster_loop
 from loom.coordinator.loops.challenger import challenger_loop
 from loom.coordinator.loops.settlement import settlement_step
 from loom.coordinator.loops.watchdog import flush_heartbeats, watchdog_step
@@ -31,6 +30,8 @@ from loom.coordinator.overlay import service as overlay_service
 from loom.coordinator.placement_index import REFRESH_S as PLACEMENT_REFRESH_S
 from loom.coordinator.placement_index import RESYNC_S as PLACEMENT_RESYNC_S
 from loom.coordinator.placement_index import PlacementIndex
+from loom.coordinator.replicas.replica import SYNC_S as REPLICA_SYNC_S
+from loom.coordinator.replicas.replica import Replica
 from loom.coordinator.services.confirmation import CONFIRM_INTERVAL_S
 from loom.coordinator.services.ledger_queue import sequencer_for
 from loom.coordinator.services.lifecycle import activate_on_connect
@@ -51,10 +52,26 @@ def create_app(settings: Settings) -> FastAPI:
     )
     state.ledger = ledger_seq
     # Change events (loom.protocol.events) from every session to the placement index.
-    bus = EventBus()
+    # With replicas (``--bus``) the events travel over NATS and commands are routed to
+    # the replica holding the agent's socket (loom.coordinator.replicas).
+    replica = (
+        Replica(
+            bus_url=settings.bus_url,
+            replica_id=settings.replica_id,
+            hub=state.hub,
+            sessions_factory=state.sessions,
+            heartbeat_timeout_s=settings.heartbeat_timeout_s,
+        )
+        if settings.bus_url
+        else None
+    )
+    bus = replica.bus if replica is not None else EventBus()
+    if replica is not None:
+        state.agents = replica.agents
+        tunnel_remote.install(state, replica)  # tunnels to heads held by other replicas
     state.sessions.configure(info={BUS_KEY: bus})
     placement = PlacementIndex(
-        state.sessions, require_verified=settings.require_verified, presence=state.hub.connections
+        state.sessions, require_verified=settings.require_verified, presence=state.hub.present
     )
     placement.attach(bus)
     state.placement = placement
@@ -63,15 +80,14 @@ def create_app(settings: Settings) -> FastAPI:
         bus.publish(NodePresence(node_id=node_id, connected=True))
         await activate_on_connect(state, node_id)
         # The agent answers only once its receive loop runs: sync in the background.
-        state.track(asyncio.create_task(cluster_events.on_node_connected(state, node_id)))
+        state.track(asyncio.create_task(healing.on_node_connected(state, node_id)))
 
     async def on_offline(node_id: str) -> None:
         bus.publish(NodePresence(node_id=node_id, connected=False))
-        state.track(asyncio.create_task(cluster_events.on_node_offline(state, node_id)))
+        state.track(asyncio.create_task(healing.on_node_offline(state, node_id)))
 
     async def on_member_lost(node_id: str, report: Report, _received_at: float) -> None:
-        lost = cluster_events.on_report_member_lost(state, node_id, report)
-        state.track(asyncio.create_task(lost))
+        state.track(asyncio.create_task(healing.on_report_member_lost(state, node_id, report)))
 
     state.hub.on_connect.append(on_connect)
     state.hub.on_offline.append(on_offline)
@@ -82,6 +98,8 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await migrate(engine)
+        if replica is not None:
+            await replica.start(on_reconnect=placement.load)
         ledger_seq.start()
         # The placement index first (before the first request; then events and resyncs):
         # its rows are long-lived too, and frozen with the rest below.
@@ -102,16 +120,19 @@ def create_app(settings: Settings) -> FastAPI:
         async def flusher() -> None:
             await flush_heartbeats(state)
 
+        async def reconciler() -> None:
+            await healing.reconcile_step(state)
+
         state.spawn_loop("watchdog", settings.watchdog_interval_s, watchdog)
-        reconciler = cluster_loop.ClusterLoop(state)
-        await reconciler.recover()  # leases a previous process of ours left behind
-        cluster_loop.spawn(state, reconciler, settings.reconcile_interval_s)
+        state.spawn_loop("reconciler", settings.reconcile_interval_s, reconciler)
         state.spawn_loop("heartbeat-flush", settings.heartbeat_flush_s, flusher)
         state.spawn_loop("challenger", challenger.config.loop_s, challenger_loop(challenger))
         state.spawn_loop("settlement", settings.settle_interval_s, lambda: settlement_step(state))
         state.spawn_loop("confirmation", CONFIRM_INTERVAL_S, lambda: confirm_step(state))
         state.spawn_loop("placement-resync", PLACEMENT_RESYNC_S, placement.load)
         state.spawn_loop("placement-refresh", PLACEMENT_REFRESH_S, placement.refresh)
+        if replica is not None:
+            state.spawn_loop("replica-sync", REPLICA_SYNC_S, replica.sync)
         await overlay_service.install(state)  # the Nebula lighthouse, when configured
         explorer_api.start(_app)
         log.info("coordinator ready on %s:%s (db %s)", settings.host, settings.port, engine.url)
@@ -123,6 +144,8 @@ def create_app(settings: Settings) -> FastAPI:
             try:
                 await flush_heartbeats(state)
             finally:
+                if replica is not None:
+                    await replica.close()
                 await engine.dispose()
 
     app = FastAPI(

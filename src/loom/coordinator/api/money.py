@@ -268,7 +268,7 @@ async def offers(
         q,
         sort=sort,
         limit=limit,
-        connected=state.hub.connections.keys(),
+        connected=state.hub.present,
         index=state.placement,
     )
     return [_offer(o) for o in found]
@@ -287,7 +287,7 @@ async def quote(
     result = await market.quote_spec(
         session,
         spec,
-        connected=state.hub.connections.keys(),
+        connected=state.hub.present,
         require_verified=state.settings.require_verified,
         index=state.placement,
     )
