@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from loom.coordinator import healing, tunnel_remote
+from loom.coordinator import tunnel_remote
 from loom.coordinator.api import agent_ws, clusters, errors, money, nodes, public, verification
 from loom.coordinator.api import docs as docs_api
 from loom.coordinator.api import explorer as explorer_api
@@ -22,6 +22,8 @@ from loom.coordinator.challenger import Challenger
 from loom.coordinator.config import Settings
 from loom.coordinator.confirmation import confirm_step
 from loom.coordinator.db.engine import create_engine, migrate, session_factory
+from loom.coordinator.loops import cluster_events
+from loom.coordinator.loops import clusters as cluster_loop
 from loom.coordinator.loops.challenger import challenger_loop
 from loom.coordinator.loops.settlement import settlement_step
 from loom.coordinator.loops.watchdog import flush_heartbeats, watchdog_step
@@ -80,14 +82,15 @@ def create_app(settings: Settings) -> FastAPI:
         bus.publish(NodePresence(node_id=node_id, connected=True))
         await activate_on_connect(state, node_id)
         # The agent answers only once its receive loop runs: sync in the background.
-        state.track(asyncio.create_task(healing.on_node_connected(state, node_id)))
+        state.track(asyncio.create_task(cluster_events.on_node_connected(state, node_id)))
 
     async def on_offline(node_id: str) -> None:
         bus.publish(NodePresence(node_id=node_id, connected=False))
-        state.track(asyncio.create_task(healing.on_node_offline(state, node_id)))
+        state.track(asyncio.create_task(cluster_events.on_node_offline(state, node_id)))
 
     async def on_member_lost(node_id: str, report: Report, _received_at: float) -> None:
-        state.track(asyncio.create_task(healing.on_report_member_lost(state, node_id, report)))
+        lost = cluster_events.on_report_member_lost(state, node_id, report)
+        state.track(asyncio.create_task(lost))
 
     state.hub.on_connect.append(on_connect)
     state.hub.on_offline.append(on_offline)
@@ -98,9 +101,9 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await migrate(engine)
+        ledger_seq.start()
         if replica is not None:
             await replica.start(on_reconnect=placement.load)
-        ledger_seq.start()
         # The placement index first (before the first request; then events and resyncs):
         # its rows are long-lived too, and frozen with the rest below.
         await placement.load()
@@ -120,11 +123,10 @@ def create_app(settings: Settings) -> FastAPI:
         async def flusher() -> None:
             await flush_heartbeats(state)
 
-        async def reconciler() -> None:
-            await healing.reconcile_step(state)
-
         state.spawn_loop("watchdog", settings.watchdog_interval_s, watchdog)
-        state.spawn_loop("reconciler", settings.reconcile_interval_s, reconciler)
+        reconciler = cluster_loop.ClusterLoop(state)
+        await reconciler.recover()  # leases a previous process of ours left behind
+        cluster_loop.spawn(state, reconciler, settings.reconcile_interval_s)
         state.spawn_loop("heartbeat-flush", settings.heartbeat_flush_s, flusher)
         state.spawn_loop("challenger", challenger.config.loop_s, challenger_loop(challenger))
         state.spawn_loop("settlement", settings.settle_interval_s, lambda: settlement_step(state))
