@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loom.core import placement as placement_module
+from loom.core import placement_free
 from loom.core.models import ConnectivityTier, DeviceState, NodeState, SecurityTier
 from loom.core.placement import (
     DeviceIndex,
@@ -386,3 +387,14 @@ def test_pruning_bound_checked_every_row_is_still_exact(
         assert isinstance(result, PlacementFailure)
     else:
         assert isinstance(result, PlacementPlan) and result.hourly_micro == expected
+
+
+def test_the_index_lives_in_placement_free_and_placement_re_exports_it() -> None:
+    for name in placement_free.__all__:
+        assert getattr(placement_module, name) is getattr(placement_free, name)
+    index = placement_free.DeviceIndex()
+    index.upsert(cap("n1", gpus=2))
+    plan = place(Requirement(options=(("rtx4090", 2),)), 1, index)
+    assert isinstance(plan, PlacementPlan)
+    index.take_plan(plan)  # a plan of core.placement, taken by the index of placement_free
+    assert index.device_count == 0

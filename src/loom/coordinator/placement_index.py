@@ -187,7 +187,8 @@ def _node_row(h: Sequence[Any], devices: list[DeviceRow]) -> NodeRow:
 
 
 def capacities(node: NodeRow, reliability: float, *, require_verified: bool) -> list[NodeCapacity]:
-    """The index entries of a node, one per model with free devices (as build_index did)."""
+    """The index entries of a node, one per model with free devices: the one place that
+    turns database rows into placement capacity."""
     by_model: dict[str, list[DeviceRow]] = {}
     for dev in node.devices:
         if require_verified and dev.state != DeviceState.VERIFIED.value:
@@ -222,7 +223,7 @@ def capacities(node: NodeRow, reliability: float, *, require_verified: bool) -> 
 
 
 def offers_of(node: NodeRow, reliability: float, models: frozenset[str] | None) -> list[Offer]:
-    """The market's offers of a node (as ``market.live_offers`` computes them)."""
+    """The market's offers of a node: the one place that turns rows into offers."""
     by_model: dict[str, list[DeviceRow]] = {}
     for dev in node.devices:
         if models is None or dev.model in models:
