@@ -10,8 +10,8 @@ address and one Nebula per home (no Ray), then measures TCP throughput, median o
 
 Each is measured on the bare veth links (the direct path is then a memory copy: the ratio
 is Nebula's CPU cost, not a network's) and with every home's uplink shaped by ``tc tbf``
-both ways (models of internet links, ``--shape``), for Nebula's default tun MTU 1300 and
-the member's (``loom.agent.overlay.TUN_MTU``, also with its socket buffers).
+both ways (models of internet links, ``--shape``), for tun MTU 1300 (Nebula's default and a
+member's, ``loom.agent.overlay.TUN_MTU``) and 1420 (also with 8 MiB socket buffers).
 
     sudo .venv/bin/python bench/overlay.py [--runs 5] [--mb 100] [--shape 1gbit,100mbit]
 
@@ -33,12 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from loom.agent.overlay import SOCKET_BUFFER, TUN_MTU
+from loom.agent.overlay import TUN_MTU
 from support.nat import COORD_IP, SYMMETRIC, Topology
 
 LH_PORT = 14299
 SINK_PORT = 9500
 TC_ADD = ["ip", "netns", "exec"]
+#: The socket buffers of the "tuned" variant (Nebula's listen.read_buffer/write_buffer).
+SOCKET_BUFFER = 8 << 20
 
 
 def tbf(rate: str) -> list[str]:
@@ -99,7 +101,7 @@ def nebula_config(d: Path, name: str, lighthouse: bool, mtu: int, tuned: bool) -
         "logging": {"level": "warning"},
     }
     listen: dict[str, object] = {"host": "0.0.0.0", "port": 4242}
-    if tuned:  # the member config's socket buffers (loom.agent.overlay.member_config)
+    if tuned:
         listen |= {"read_buffer": SOCKET_BUFFER, "write_buffer": SOCKET_BUFFER}
     if lighthouse:
         cfg.update(
@@ -223,8 +225,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--mtus",
-        default=f"1300,{TUN_MTU}",
-        help="tun MTUs to compare (the member's default is loom.agent.overlay.TUN_MTU)",
+        default="1300,1420",
+        help=f"tun MTUs to compare (a member's is {TUN_MTU}); the largest also runs with "
+        "8 MiB socket buffers",
     )
     args = parser.parse_args()
     if shutil.which("nebula") is None:
@@ -239,7 +242,7 @@ def main() -> int:
             shape(topo, rate)
             link = f"links shaped to {rate} (tbf)" if rate else "veth links (a memory copy)"
             for mtu in mtus:
-                for tuned in (False, True) if mtu == TUN_MTU else (False,):
+                for tuned in (False, True) if mtu == mtus[-1] else (False,):
                     extra = f", socket buffers {SOCKET_BUFFER >> 20} MiB" if tuned else ""
                     label = f"{link}, tun mtu {mtu}{extra}"
                     report(
