@@ -87,6 +87,13 @@ async def confirm_cluster(state: CoordinatorState, cluster_id: str) -> list[str]
         confirmed |= got
         if head is not None and head.id in got:
             break
+    if (
+        head is not None
+        and head.id not in confirmed
+        and head.node_id not in state.hub.connections
+        and head.node_id in state.hub.present
+    ):
+        return sorted(confirmed)  # another replica holds the head's agent: it probes
     if head is not None and head.id not in confirmed:
         why = await probe_head(state, head, token, dashboard)
         async with state.session() as session:
