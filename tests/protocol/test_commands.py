@@ -26,6 +26,7 @@ from loom.protocol.commands import (
     ChallengeNonce,
     ChallengeOpen,
     ChallengeStart,
+    MemberPeerLost,
     MemberSeen,
     MemberStart,
     MemberStarted,
@@ -64,6 +65,12 @@ commands: st.SearchStrategy[AgentCommand[Any]] = st.one_of(
     st.builds(MemberStop, member_id=ids),
     st.builds(MemberSync, members=st.lists(ids, max_size=5)),
     st.builds(MemberSeen, member_id=ids),
+    st.builds(
+        MemberPeerLost,
+        member_id=ids,
+        ray_node_id=st.text("0123456789abcdef", min_size=56, max_size=56),
+        reason=small_text,
+    ),
     st.builds(
         lambda seed, k: ChallengeStart(
             spec=_spec(seed),

@@ -74,6 +74,8 @@ class FakeAgents:
         self.started: list[dict[str, Any]] = []
         self.stopped: list[str] = []
         self.commands: list[str] = []
+        #: (node id, command name, args) of every command, in arrival order.
+        self.received: list[tuple[str, str, dict[str, Any]]] = []
         self.on_start: StartHandler = default_start
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -160,14 +162,15 @@ class FakeAgents:
                     continue
                 msg = json.loads(raw)
                 if msg.get("type") == "command":
-                    answer = self._answer(msg)
+                    answer = self._answer(msg, node.node_id)
                     if answer is not None:
                         await ws.send(json.dumps(answer))
 
-    def _answer(self, cmd: dict[str, Any]) -> dict[str, Any] | None:
+    def _answer(self, cmd: dict[str, Any], node_id: str = "") -> dict[str, Any] | None:
         name = str(cmd.get("name"))
         args = cmd.get("args") or {}
         self.commands.append(name)
+        self.received.append((node_id, name, args))
         ack: dict[str, Any] = {"type": "ack", "id": cmd["id"], "ok": True, "result": {}}
         if name == "member.start":
             self.started.append(args)

@@ -111,6 +111,22 @@ class Topology:
                 self.user = supplier  # a user's machine behind its own NAT
         return self
 
+    def router(self, i: int) -> str:
+        """The namespace of home ``i``'s NAT router (4: the user's)."""
+        return f"lt-{self.tag}-r{i}"
+
+    def host(self, i: int) -> str:
+        """The namespace of home ``i``'s machine (1-3: suppliers, 4: the user's)."""
+        return self.suppliers.get(i, self.user)
+
+    def cut(self, i: int) -> None:
+        """Cut home ``i`` off the internet: its router's uplink goes down, so packets to
+        and from it vanish (nothing answers or resets a connection, as when a line dies)."""
+        sh("ip", "-n", self.router(i), "link", "set", "wan", "down")
+
+    def reconnect(self, i: int) -> None:
+        sh("ip", "-n", self.router(i), "link", "set", "wan", "up")
+
     def destroy(self) -> None:
         for name in self.namespaces:
             for pid in sh("ip", "netns", "pids", name, check=False).split():

@@ -45,6 +45,8 @@ from loom.protocol.commands import (
     MemberOverlayCertReply,
     MemberOverlayKey,
     MemberOverlayKeyReply,
+    MemberPeerLost,
+    MemberPeerLostReply,
     MemberSeen,
     MemberSeenReply,
     MemberStart,
@@ -104,6 +106,7 @@ class MemberManager:
             handler(MemberStop, self.stop),
             handler(MemberSync, self.sync),
             handler(MemberSeen, self.seen),
+            handler(MemberPeerLost, self.peer_lost),
             handler(MemberOverlayKey, self.overlay_key),
             handler(MemberOverlayCert, self.overlay_cert),
         )
@@ -321,6 +324,16 @@ class MemberManager:
         if not health.healthy:
             raise RayNodeError(health.detail or "the Ray node is not healthy")
         return MemberSeenReply(alive=list(health.alive_ids))
+
+    async def peer_lost(self, cmd: MemberPeerLost) -> MemberPeerLostReply:
+        """Loom declared another member lost: this head's GCS marks its Ray node dead."""
+        node = self.nodes.get(cmd.member_id)
+        if node is None or cmd.member_id not in self.info:
+            raise RayNodeError(f"member {cmd.member_id} is not running here")
+        result = await node.mark_peer_dead(cmd.ray_node_id.lower(), cmd.reason)
+        self._probed.pop(cmd.member_id, None)  # the GCS's view changed
+        log.info("member %s: peer %s marked dead: %s", cmd.member_id, cmd.ray_node_id, result)
+        return MemberPeerLostReply.model_validate(result)
 
     async def _probe(self, member_id: str, node: RayNode, *, max_age: float) -> NodeHealth:
         """The member's GCS probe, reusing one younger than ``max_age`` seconds."""

@@ -326,6 +326,32 @@ class RayNode:
             alive_ids=tuple(str(i) for i in seen) if isinstance(seen, list) else (),
         )
 
+    async def mark_peer_dead(
+        self, ray_node_id: str, reason: str, timeout: float = 20.0
+    ) -> dict[str, object]:
+        """Have this head's GCS mark another node dead (:mod:`loom.agent.ray_peer`).
+
+        Returns the module's JSON answer (``status`` ``dead`` on success)."""
+        if self.spec.role != "head" or self.state != "ready":
+            raise RayNodeError(f"{self.spec.member_id} is not a ready head ({self.state})")
+        proc = await self._spawn_module(
+            "loom.agent.ray_peer",
+            [
+                f"--gcs={self.gcs_address}",
+                f"--node-id={ray_node_id}",
+                f"--reason={reason}",
+                f"--timeout={max(1.0, timeout - 5):g}",
+            ],
+        )
+        try:
+            stdout, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            return {"status": "unreachable", "error": f"no answer within {timeout:g}s"}
+        return _parse_probe(stdout)
+
     async def wait_exit(self) -> int:
         """Return the exit code of the node's process once it ends (for a watcher task)."""
         while self._handle is not None:
@@ -358,6 +384,18 @@ class RayNode:
     # -- helpers
 
     async def _spawn_probe(self, wait: float) -> asyncio.subprocess.Process:
+        return await self._spawn_module(
+            "loom.agent.raynode_probe",
+            [
+                f"--gcs={self.gcs_address}",
+                f"--node-ip={self.node_ip}",
+                f"--node-manager-port={self.ports.node_manager}",
+                f"--wait={wait:g}",
+            ],
+        )
+
+    async def _spawn_module(self, module: str, args: Sequence[str]) -> asyncio.subprocess.Process:
+        """``python -m module args...`` with the cluster's token, in the member's netns."""
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.paths.home),
@@ -374,15 +412,8 @@ class RayNode:
             *netns,
             self._python,
             "-m",
-            "loom.agent.raynode_probe",
-            "--gcs",
-            self.gcs_address,
-            "--node-ip",
-            self.node_ip,
-            "--node-manager-port",
-            str(self.ports.node_manager),
-            "--wait",
-            f"{wait:g}",
+            module,
+            *args,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,

@@ -9,6 +9,7 @@ so loopback clusters use ``127.0.0.2`` (see :func:`ray_host`).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -44,6 +45,31 @@ DEFAULT_DISK_BYTES = 20 << 30
 RAY_DAEMON_CPUS = 1.0
 #: Share of the memory limit given to Ray's object store (in /dev/shm, inside the limit).
 OBJECT_STORE_SHARE = 0.3
+#: Ray's own failure detection, tuned to a cluster on an overlay (given to the head's
+#: ``ray start --system-config``; the GCS hands it to every raylet, worker and driver).
+#: Ray's defaults mark a node dead only after 5 x (10 s timeout + 3 s period) = 65 s of
+#: silence, and a driver notices a connection that went silent (a cut host drops packets,
+#: nothing resets the TCP connection) only by gRPC keepalive after 300 s + 120 s, so its
+#: tasks on that node hang for minutes. Loom's own detection (heartbeats, 11-15 s) tells the
+#: head at once (``loom.agent.ray_peer``); these are the fallback and the driver's side:
+#:
+#: * health checks every 1 s with a 2 s timeout, dead after 5 failures in a row: a cut
+#:   node is dead to the GCS within 5 x (2 + 1) = 15 s (Loom's own detection is about as
+#:   fast); a false positive needs the raylet to miss five 2 s deadlines in a row, about
+#:   10 s without answering a trivial RPC, far beyond the stalls of a loaded 2-core
+#:   machine (it answers from gRPC's own threads, not the raylet's busy event loop);
+#: * gRPC keepalive pings every 10 s with a 10 s timeout: a connection to a node that
+#:   went silent is given up within ~20 s instead of ~7 min, so calls in flight to it
+#:   fail and Ray retries the task elsewhere (it asks the GCS, which lists the node dead).
+#:   Still well above the overlay's round trips (ms) and a loaded machine's stalls.
+RAY_SYSTEM_CONFIG: dict[str, int] = {
+    "health_check_initial_delay_ms": 5000,
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 2000,
+    "health_check_failure_threshold": 5,
+    "grpc_client_keepalive_time_ms": 10_000,
+    "grpc_client_keepalive_timeout_ms": 10_000,
+}
 
 
 class RayNodeError(RuntimeError):
@@ -246,6 +272,7 @@ def build_ray_start_argv(
             f"--include-dashboard={'true' if spec.include_dashboard else 'false'}",
             f"--dashboard-host={spec.dashboard_host}",
             f"--dashboard-port={ports.dashboard}",
+            f"--system-config={json.dumps(RAY_SYSTEM_CONFIG, sort_keys=True)}",
         ]
     else:
         assert spec.head_address is not None

@@ -32,6 +32,8 @@ from loom.protocol.commands import (
     MemberOverlayCertReply,
     MemberOverlayKey,
     MemberOverlayKeyReply,
+    MemberPeerLost,
+    MemberPeerLostReply,
     MemberSeen,
     MemberSeenReply,
     MemberStart,
@@ -114,6 +116,12 @@ class AgentClient:
         self, node_id: str, member_id: str, *, timeout: float = MEMBER_SEEN_TIMEOUT_S
     ) -> MemberSeenReply:
         return await self.call(node_id, MemberSeen(member_id=member_id), timeout=timeout)
+
+    async def member_peer_lost(
+        self, node_id: str, command: MemberPeerLost, *, timeout: float = MEMBER_SEEN_TIMEOUT_S
+    ) -> MemberPeerLostReply:
+        """Ask the head member's agent to have its GCS mark a lost member's node dead."""
+        return await self.call(node_id, command, timeout=timeout)
 
     # -- the overlay -----------------------------------------------------------------------
 

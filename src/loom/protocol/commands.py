@@ -14,6 +14,7 @@ name                       command                      reply
 ``member.stop``            :class:`MemberStop`          :class:`MemberStopped`
 ``member.sync``            :class:`MemberSync`          :class:`MemberSynced`
 ``member.seen``            :class:`MemberSeen`          :class:`MemberSeenReply`
+``member.peer_lost``       :class:`MemberPeerLost`      :class:`MemberPeerLostReply`
 ``member.overlay_key``     :class:`MemberOverlayKey`    :class:`MemberOverlayKeyReply`
 ``member.overlay_cert``    :class:`MemberOverlayCert`   :class:`MemberOverlayCertReply`
 ``challenge.start``        :class:`ChallengeStart`      :class:`ChallengeAccepted`
@@ -155,6 +156,31 @@ class MemberSeen(AgentCommand[MemberSeenReply]):
     member_id: str = Field(min_length=1, max_length=_ID)
 
 
+class MemberPeerLostReply(Reply):
+    """What the head's GCS did: ``dead`` once it lists the node DEAD (``was``: alive, dead
+    or absent before the command), else ``unreachable``/``unauthenticated``/``error``."""
+
+    status: str = Field(default="", max_length=40)
+    was: str = Field(default="", max_length=40)
+    took_s: float | None = None
+    error: str = Field(default="", max_length=400)
+
+
+class MemberPeerLost(AgentCommand[MemberPeerLostReply]):
+    """To the *head* member's agent: Loom declared another member lost; make the head's
+    GCS mark that member's Ray node dead now (``loom.agent.ray_peer``), so that tasks and
+    actors on it fail over at once instead of after Ray's own health checks."""
+
+    wire_name: ClassVar[str] = "member.peer_lost"
+    reply_model: ClassVar[type[BaseModel]] = MemberPeerLostReply
+
+    #: The head member (on the agent this command goes to).
+    member_id: str = Field(min_length=1, max_length=_ID)
+    #: The lost member's Ray node id (hex).
+    ray_node_id: str = Field(pattern=r"^[0-9a-fA-F]{1,200}$")
+    reason: str = Field(default="", max_length=300)
+
+
 # -- the overlay (loom.protocol.overlay: keys stay where they are generated) ---------------
 
 
@@ -288,6 +314,7 @@ COMMANDS: dict[str, type[AgentCommand[Any]]] = {
         MemberStop,
         MemberSync,
         MemberSeen,
+        MemberPeerLost,
         MemberOverlayKey,
         MemberOverlayCert,
         ChallengeStart,

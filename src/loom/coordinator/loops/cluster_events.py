@@ -22,6 +22,7 @@ import time
 
 from sqlalchemy import select
 
+from loom.coordinator import ray_peers
 from loom.coordinator.db.models import Cluster, Member, Node
 from loom.coordinator.hub import AgentNotConnected, CommandFailed
 from loom.coordinator.services import clusters as cluster_service
@@ -69,6 +70,7 @@ async def member_lost(
         cluster_id = cluster.id
         await session.commit()
     log.info("cluster %s lost member %s: %s", cluster_id, member_id, reason)
+    ray_peers.tell_head(state, member_id, reason)  # the head's GCS forgets it at once
     state.clusters_wake.set()
 
 
