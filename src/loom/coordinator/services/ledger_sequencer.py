@@ -252,8 +252,19 @@ class Sequencer:
             worked = await self._collect() or worked
         return worked
 
+    def _take(self) -> list[_Pending]:
+        """The next local transfers: at most `max_batch`, and `write.MAX_LEGS` entries."""
+        n = legs = 0
+        for pending in self._local:
+            legs += len(pending.transfer.entries)
+            if n >= self.max_batch or (n and legs > write.MAX_LEGS):
+                break
+            n += 1
+        taken, self._local = self._local[:n], self._local[n:]
+        return taken
+
     async def _seal_batch(self, now: float, *, guarded: bool) -> bool:
-        local, self._local = self._local[: self.max_batch], self._local[self.max_batch :]
+        local = self._take()
         try:
             async with self.sessions() as session:
                 if guarded and not await self.role.guard(session, now):
@@ -264,6 +275,14 @@ class Sequencer:
                     claimed = await self.handoff.claim(session, self.max_batch - len(local))
                 if not local and not claimed:
                     return False
+                # Claimed rows beyond the batch's entry budget stay pending (unlocked at
+                # commit) for the next batch.
+                legs = sum(len(p.transfer.entries) for p in local)
+                for n, (_, t) in enumerate(claimed):
+                    legs += len(t.entries) if isinstance(t, Transfer) else 0
+                    if legs > write.MAX_LEGS and (local or n):
+                        claimed = claimed[:n]
+                        break
                 transfers = [p.transfer for p in local] + [
                     t for _, t in claimed if isinstance(t, Transfer)
                 ]
@@ -296,7 +315,7 @@ class Sequencer:
 
     async def _hand_over(self, now: float) -> bool:
         assert self.handoff is not None
-        local, self._local = self._local[: self.max_batch], self._local[self.max_batch :]
+        local = self._take()
         try:
             ids = await self.handoff.hand_over([p.transfer for p in local], now)
         except Exception as exc:

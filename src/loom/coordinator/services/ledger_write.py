@@ -49,8 +49,10 @@ BALANCE_LIMIT = batch.BALANCE_LIMIT
 _TXNS = cast(Table, LedgerTransaction.__table__)
 _ENTRIES = cast(Table, LedgerEntry.__table__)
 _BALANCES = cast(Table, AccountBalance.__table__)
-#: The most transfers one `seal` takes (keeps every IN-list far below driver limits).
+#: The most transfers, and entries, one `seal` takes (every IN-list stays far below the
+#: drivers' 32,767 parameters).
 MAX_BATCH = 1000
+MAX_LEGS = 8000
 
 
 def _dialect(session: AsyncSession) -> str:
@@ -213,6 +215,9 @@ async def seal(session: AsyncSession, transfers: Sequence[Transfer], now: float)
     """
     if len(transfers) > MAX_BATCH:
         raise ValueError(f"at most {MAX_BATCH} transfers per seal, got {len(transfers)}")
+    legs = sum(len(t.entries) for t in transfers)
+    if legs > MAX_LEGS and len(transfers) > 1:
+        raise ValueError(f"at most {MAX_LEGS} entries per seal, got {legs}")
     results: list[Result | None] = [precheck(t) for t in transfers]
     todo = [i for i, r in enumerate(results) if r is None]
     if not todo:
