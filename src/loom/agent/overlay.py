@@ -100,8 +100,10 @@ def generate_key(directory: Path) -> str:
 def lighthouse_hosts(grant: OverlayGrant, net: MemberNet) -> tuple[list[str], set[int]]:
     """Where this member sends UDP for the lighthouse, and which of those ports are local.
 
-    A lighthouse on this very machine (``loom up``: loopback, or one of the host's own
-    addresses) is reached through the member's veth, at the host side's address.
+    A lighthouse on this very machine is reached through the member's veth: on loopback
+    (``loom up``) at the veth's host side; on one of the host's own addresses at that
+    address (the lighthouse may listen on it only). Either way the host's input chain
+    admits the member's UDP to that port (``host_udp``).
     """
     local = host_addresses()
     out: list[str] = []
@@ -114,8 +116,11 @@ def lighthouse_hosts(grant: OverlayGrant, net: MemberNet) -> tuple[list[str], se
         except ValueError:
             out.append(item)  # a DNS name: resolved by Nebula inside the namespace
             continue
-        if ip.is_loopback or str(ip) in local or ip.is_unspecified:
+        if ip.is_loopback or ip.is_unspecified:
             out.append(f"{net.host_ip}:{port}")
+            ports.add(int(port))
+        elif str(ip) in local:
+            out.append(f"{ip}:{port}")
             ports.add(int(port))
         else:
             out.append(f"{ip}:{port}")
