@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python bench/heartbeats.py [--agents 1000 10000] [--rate 5000] [--duration 20]
      [--warmup 5] [--db sqlite|postgresql://postgres@127.0.0.1:5432/test] [--profile DIR]
-     [--record]
+     [--compare REV [--repeat K]] [--record]
 
 For each N in --agents: start a fresh coordinator (`python -m loom coordinator serve`, its own
 temporary LOOM_HOME; SQLite in that directory, or a fresh PostgreSQL schema made and dropped
@@ -20,11 +20,16 @@ second the DB is read for sum(nodes.heartbeats) and compared with what was acked
 backlog), and at the end, after two flush intervals, every acked beat must be in the DB and
 every node online (not offline or banned) with a recent last_heartbeat_at.
 
-Client settings mirror `loom worker start` (ping_interval=20, default permessage-deflate).
-Both processes are on the same machine, so on 2 cores the client's own CPU competes with the
-coordinator's and its event-loop lag is part of the measured round trip (reported apart).
-``--profile DIR`` attaches py-spy to the coordinator for the measurement window (py-spy must be
-installed in the venv; it is not a project dependency) and prints the top functions.
+Client settings mirror `loom worker start` (ping_interval=20, no permessage-deflate); the
+fleet is bench/heartbeats_fleet.py. Both processes are on the same machine, so on 2 cores the
+client's own CPU competes with the coordinator's and its event-loop lag is part of the
+measured round trip (reported apart).
+
+``--compare REV`` measures before/after in one run: the coordinator of git revision REV (a
+temporary worktree, ``PYTHONPATH`` its ``src``) and the working tree's, alternating, each
+``--repeat`` times per N; it prints each run, the medians, and the ratios current/REV.
+``--profile DIR`` runs the coordinator under cProfile (whole run: handshakes and beats) and
+prints its top functions by own time (cProfile slows it: read shares, not absolute times).
 """
 
 from __future__ import annotations
@@ -33,37 +38,35 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime
-import json
 import os
+import pstats
 import resource
 import secrets
 import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
-from loom.protocol.identity import KeyPair, agent_auth_message, binding_message
-from loom.protocol.messages import MAX_FRAME_BYTES, Auth, Inventory
-from loom.protocol.version import PROTOCOL_VERSION
+from heartbeats_fleet import Agent, Beater, Stats, handshake, pct, receive
+from loom.protocol.identity import KeyPair, binding_message
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 REPO = Path(__file__).resolve().parent.parent
 FLUSH_S = 1.0  # Settings.heartbeat_flush_s
-INVENTORY = Inventory(cpu_model="bench cpu", cpu_cores=2, ram_mb=4096, disk_free_mb=10_000)
-BEAT = '{{"type":"heartbeat","seq":{seq},"load":{{"cpu_percent":12.5,"mem_used_mb":2048,"gpu_util_percent":[]}}}}'  # noqa: E501
 
 
 def raise_nofile() -> int:
@@ -77,13 +80,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def system_busy() -> tuple[float, float]:
@@ -165,141 +161,6 @@ class Db:
         }
 
 
-# -- the simulated agents ---------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Agent:
-    node: KeyPair
-    owner: KeyPair
-    binding_sig: str
-    ws: ClientConnection | None = None
-    seq: int = 0
-    sent: dict[int, float] = field(default_factory=dict)
-
-
-@dataclass
-class Stats:
-    window: tuple[float, float] = (float("inf"), float("inf"))
-    acks_total: int = 0
-    acks_in_window: int = 0
-    sent_in_window: int = 0
-    rtts_ms: list[float] = field(default_factory=list)
-    handshake_ms: list[float] = field(default_factory=list)
-    closed: collections.Counter[str] = field(default_factory=collections.Counter)
-    tick_lag_ms: list[float] = field(default_factory=list)
-    early_commands: int = 0
-
-
-def ack(command: dict[str, Any]) -> str:
-    """member.sync succeeds (nothing runs here); anything else, e.g. a hardware challenge,
-    is refused as an agent without a prover would."""
-    if command.get("name") == "member.sync":
-        return json.dumps({"type": "ack", "id": command["id"], "ok": True, "result": {}})
-    error = f"bench agent: {command.get('name')} not supported"
-    return json.dumps({"type": "ack", "id": command["id"], "ok": False, "error": error})
-
-
-async def handshake(agent: Agent, url: str, stats: Stats) -> None:
-    t0 = time.perf_counter()
-    ws = await connect(url, max_size=MAX_FRAME_BYTES, open_timeout=60, ping_interval=20)
-    hello = json.loads(await ws.recv())
-    auth = Auth(
-        protocol=PROTOCOL_VERSION,
-        agent_version="bench",
-        node_key=agent.node.public_hex,
-        owner_key=agent.owner.public_hex,
-        binding_sig=agent.binding_sig,
-        nonce_sig=agent.node.sign(agent_auth_message(hello["nonce"])).hex(),
-        name=f"bench-{agent.node.public_hex[:8]}",
-        region="eu-west",
-        country="DE",
-        price="0.30",
-        inventory=INVENTORY,
-    )
-    await ws.send(auth.model_dump_json())
-    while True:
-        msg = json.loads(await ws.recv())
-        if msg.get("type") == "welcome":
-            break
-        if msg.get("type") != "command":
-            raise RuntimeError(f"expected welcome, got {msg.get('type')!r}")
-        # The coordinator may send a command (member.sync) before its welcome: answer it.
-        stats.early_commands += 1
-        await ws.send(ack(msg))
-    stats.handshake_ms.append((time.perf_counter() - t0) * 1000)
-    agent.ws = ws
-
-
-async def receive(agent: Agent, stats: Stats) -> None:
-    assert agent.ws is not None
-    clock = time.perf_counter
-    try:
-        async for raw in agent.ws:
-            now = clock()
-            msg = json.loads(raw)
-            if msg.get("type") != "heartbeat_ack":
-                if msg.get("type") == "command":  # member.sync on connect: say done
-                    await agent.ws.send(ack(msg))
-                continue
-            sent = agent.sent.pop(msg["seq"], None)
-            stats.acks_total += 1
-            start, end = stats.window
-            if start <= now < end:
-                stats.acks_in_window += 1
-            if sent is not None and start <= sent < end:
-                stats.rtts_ms.append((now - sent) * 1000)
-    except ConnectionClosed as exc:
-        stats.closed[f"{exc.rcvd.code if exc.rcvd else 1006}"] += 1
-    else:
-        stats.closed[f"{agent.ws.close_code}"] += 1
-
-
-class Beater:
-    """Sends heartbeats round-robin over the connected agents at `rate` beats/s in total."""
-
-    TICK_S = 0.002
-
-    def __init__(self, stats: Stats) -> None:
-        self.stats = stats
-        self.agents: list[Agent] = []
-        self.per_agent_interval_s = 5.0
-        self.running = True
-        self._next = 0
-
-    async def run(self) -> None:
-        clock = time.perf_counter
-        stats = self.stats
-        last = clock()
-        credit = 0.0
-        while self.running:
-            await asyncio.sleep(self.TICK_S)
-            now = clock()
-            stats.tick_lag_ms.append((now - last - self.TICK_S) * 1000)
-            if len(stats.tick_lag_ms) > 200_000:
-                del stats.tick_lag_ms[:100_000]
-            rate = len(self.agents) / self.per_agent_interval_s
-            credit += rate * (now - last)
-            last = now
-            due = int(credit)
-            credit -= due
-            start, end = stats.window
-            for _ in range(min(due, len(self.agents))):
-                agent = self.agents[self._next % len(self.agents)]
-                self._next += 1
-                if agent.ws is None:
-                    continue
-                agent.seq += 1
-                t = clock()
-                agent.sent[agent.seq] = t
-                if start <= t < end:
-                    stats.sent_in_window += 1
-                try:
-                    await agent.ws.send(BEAT.format(seq=agent.seq))
-                except ConnectionClosed:
-                    agent.ws = None
-
-
 # -- one run ----------------------------------------------------------------------------
 
 
@@ -326,6 +187,8 @@ class Result:
     db_note: str = ""
     closed: str = ""
     profile_top: list[str] = field(default_factory=list)
+    code: str = "current"
+    handshake_cpu_ms: float = 0.0
 
 
 async def wait_healthy(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -341,30 +204,18 @@ async def wait_healthy(base: str, proc: subprocess.Popen[bytes], log: Path) -> N
     raise RuntimeError("coordinator did not become healthy in 60 s")
 
 
-def summarize_profile(path: Path, top: int = 15) -> list[str]:
-    """Self and inclusive sample share per function from py-spy's collapsed stacks."""
-    own: collections.Counter[str] = collections.Counter()
-    incl: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        n = int(count)
-        if "_connection_worker_thread" in stack or "worker_thread" in stack:
-            continue  # aiosqlite's and anyio's threads: mostly waiting on a queue
-        total += n
-        frames = [
-            f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].split(":")[0] for f in stack.split(";")
-        ]
-        own[frames[-1]] += n
-        for f in set(frames):
-            incl[f] += n
-    if not total:
-        return []
-    lines = [f"{total} samples; self%  incl%  function"]
-    for f, n in own.most_common(top):
-        lines.append(f"{100 * n / total:5.1f} {100 * incl[f] / total:6.1f}  {f}")
+def summarize_profile(path: Path, top: int = 25) -> list[str]:
+    """The coordinator's top functions by own time, from its cProfile dump."""
+    if not path.exists():
+        return [f"no profile written at {path}"]
+    stats = pstats.Stats(str(path))
+    entries = stats.stats  # type: ignore[attr-defined]
+    total = sum(tt for (_cc, _nc, tt, _ct, _callers) in entries.values()) or 1.0
+    ranked = sorted(entries.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    lines = [f"{total:.1f} s profiled; own%  incl s  calls  function"]
+    for (file, line, name), (_cc, calls, own, incl, _callers) in ranked:
+        where = "/".join(file.rsplit("/", 2)[-2:]) + f":{line}"
+        lines.append(f"{100 * own / total:5.1f} {incl:7.2f} {calls:7d}  {name} {where}")
     return lines
 
 
@@ -372,32 +223,45 @@ def tail(path: Path, chars: int = 2000) -> str:
     return path.read_text(errors="replace")[-chars:]
 
 
-def start_coordinator(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start_coordinator(
+    cmd: list[str], env: dict[str, str], log: Path, cwd: Path
+) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
 
 
-def spy_on(pid: int, duration_s: int, out: Path, log: Path) -> subprocess.Popen[bytes]:
-    """py-spy (main thread only) into collapsed stacks; it pauses the target to sample."""
-    spy_bin = Path(sys.executable).with_name("py-spy")
-    cmd = [str(spy_bin), "record", "--pid", str(pid), "--duration", str(duration_s)]
-    cmd += ["--rate", "100", "--format", "raw", "-o", str(out)]
-    with log.open("wb") as err:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+@dataclass(frozen=True)
+class Code:
+    """Which coordinator to run: the working tree's, or a git worktree's (``--compare``)."""
+
+    label: str
+    root: Path = REPO
 
 
-async def run_one(n: int, args: argparse.Namespace) -> Result:
+async def run_one(n: int, args: argparse.Namespace, code: Code) -> Result:
     result = Result(agents=n, rate=args.rate, db="postgresql" if args.db != "sqlite" else "sqlite")
+    result.code = code.label
     tmp = Path(tempfile.mkdtemp(prefix="loom-bench-hb-"))
     db = Db(args.db, tmp)
     await db.create()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "LOOM_HOME": str(tmp / "home")}
+    if code.root != REPO:
+        env["PYTHONPATH"] = str(code.root / "src")
     log = tmp / "coordinator.log"
-    cmd = [sys.executable, "-m", "loom", "coordinator", "serve", "--host", "127.0.0.1"]
+    prof = (
+        Path(args.profile) / f"coordinator-{n}-{result.db}-{code.label}.prof"
+        if args.profile
+        else None
+    )
+    cmd = [sys.executable]
+    if prof is not None:
+        prof.parent.mkdir(parents=True, exist_ok=True)
+        cmd += ["-m", "cProfile", "-o", str(prof)]
+    cmd += ["-m", "loom", "coordinator", "serve", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--db", db.coordinator_url(), "--log-level", "warning"]
-    proc = start_coordinator(cmd, env, log)
+    proc = start_coordinator(cmd, env, log, code.root)
     stats = Stats()
     beater = Beater(stats)
     agents: list[Agent] = []
@@ -424,17 +288,10 @@ async def run_one(n: int, args: argparse.Namespace) -> Result:
             receivers.append(asyncio.create_task(receive(agent, stats)))
             beater.agents.append(agent)
 
-        reg_spy = None
-        if args.profile:
-            reg_prof = Path(args.profile) / f"handshakes-{n}-{result.db}.txt"
-            reg_prof.parent.mkdir(parents=True, exist_ok=True)
-            reg_spy = spy_on(proc.pid, 3600, reg_prof, tmp / "py-spy-reg.log")
         t0 = time.perf_counter()
+        reg_cpu0 = cpu_seconds(proc.pid)
         await asyncio.gather(*(join(a) for a in agents))
-        if reg_spy is not None:
-            reg_spy.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
-            reg_spy.wait(timeout=60)
-            result.profile_top += ["registration:", *summarize_profile(reg_prof)]
+        result.handshake_cpu_ms = 1000 * (cpu_seconds(proc.pid) - reg_cpu0) / max(1, n)
         result.handshake_s = time.perf_counter() - t0
         result.handshake_p50_ms = pct(stats.handshake_ms, 0.5)
         result.handshake_p99_ms = pct(stats.handshake_ms, 0.99)
@@ -453,11 +310,6 @@ async def run_one(n: int, args: argparse.Namespace) -> Result:
         stats.tick_lag_ms.clear()
         coord_cpu0, client0 = cpu_seconds(proc.pid), time.process_time()
         busy0, _ = system_busy()
-        spy: subprocess.Popen[bytes] | None = None
-        if args.profile:
-            prof = Path(args.profile) / f"heartbeats-{n}-{result.db}.txt"
-            prof.parent.mkdir(parents=True, exist_ok=True)
-            spy = spy_on(proc.pid, int(args.duration), prof, tmp / "py-spy.log")
         backlog: list[float] = []
         registered = len(beater.agents)
         while time.perf_counter() < start + args.duration:
@@ -502,13 +354,6 @@ async def run_one(n: int, args: argparse.Namespace) -> Result:
             f"{int(snap['available'])}/{registered} online; oldest beat {stale_s:.1f} s ago"
         )
         result.closed = ", ".join(f"{k}:{v}" for k, v in stats.closed.items())
-        if spy is not None:
-            try:
-                spy.wait(timeout=30)
-                result.profile_top += ["heartbeat window:", *summarize_profile(prof)]
-            except (subprocess.TimeoutExpired, OSError) as exc:
-                spy_log = (tmp / "py-spy.log").read_text()[-500:]
-                result.profile_top = [f"py-spy failed: {exc}: {spy_log}"]
     finally:
         beater.running = False
         sem_close = asyncio.Semaphore(500)
@@ -529,6 +374,8 @@ async def run_one(n: int, args: argparse.Namespace) -> Result:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if prof is not None:
+            result.profile_top = summarize_profile(prof)
         await db.drop()
         errors = [ln for ln in log.read_text(errors="replace").splitlines() if "ERROR" in ln]
         if errors:
@@ -545,38 +392,89 @@ async def run_one(n: int, args: argparse.Namespace) -> Result:
 # -- report -----------------------------------------------------------------------------
 
 HEADER = (
-    "| agents | target/s | achieved acks/s | p50 ms | p99 ms | max ms | handshakes: all N "
-    "(p50/p99 ms each) | coordinator CPU (µs/beat) | client CPU | other procs CPU | "
-    "client lag p99 ms | DB backlog max | DB keeps up |\n"
-    "| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"
+    "| code | agents | target/s | achieved acks/s | p50 ms | p99 ms | max ms | handshakes: all N "
+    "(p50/p99 ms each) | coordinator CPU per handshake ms | coordinator CPU (µs/beat) | "
+    "client CPU | other procs CPU | client lag p99 ms | DB backlog max | DB keeps up |\n"
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: "
+    "| ---: | --- |"
 )
 
 
 def row(r: Result) -> str:
     return (
-        f"| {r.agents:,} | {r.rate:,} | {r.achieved:,.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
-        f"{r.max_ms:.0f} | {r.handshake_s:.1f} s ({r.handshake_p50_ms:.0f}/"
-        f"{r.handshake_p99_ms:.0f}) | {100 * r.coord_cpu:.0f} % ({r.us_per_beat:.0f}) | "
-        f"{100 * r.client_cpu:.0f} % | {100 * r.others_cpu:.0f} % | {r.client_lag_p99_ms:.1f} | "
-        f"{r.backlog_max:,.0f} | {'yes' if r.db_ok else 'NO'} |"
+        f"| {r.code} | {r.agents:,} | {r.rate:,} | {r.achieved:,.0f} | {r.p50_ms:.1f} | "
+        f"{r.p99_ms:.1f} | {r.max_ms:.0f} | {r.handshake_s:.1f} s ({r.handshake_p50_ms:.0f}/"
+        f"{r.handshake_p99_ms:.0f}) | {r.handshake_cpu_ms:.2f} | {100 * r.coord_cpu:.0f} % "
+        f"({r.us_per_beat:.0f}) | {100 * r.client_cpu:.0f} % | {100 * r.others_cpu:.0f} % | "
+        f"{r.client_lag_p99_ms:.1f} | {r.backlog_max:,.0f} | {'yes' if r.db_ok else 'NO'} |"
     )
 
 
-def record(results: list[Result], args: argparse.Namespace, argv: str) -> None:
+#: Result fields compared by --compare (lower is better for all but achieved).
+COMPARED = ("us_per_beat", "handshake_cpu_ms", "handshake_s", "achieved", "p50_ms", "p99_ms")
+
+
+def median_result(runs: list[Result]) -> Result:
+    """Field-wise medians of repeated runs (same code, same N)."""
+    med = dataclasses.replace(runs[0])
+    for name in (f.name for f in dataclasses.fields(Result)):
+        values = [getattr(r, name) for r in runs]
+        if all(isinstance(v, float) for v in values):
+            setattr(med, name, statistics.median(values))
+    med.db_ok = all(r.db_ok for r in runs)
+    med.code = f"{runs[0].code} (median of {len(runs)})"
+    return med
+
+
+def ratios(current: Result, base: Result) -> str:
+    parts = []
+    for name in COMPARED:
+        b, c = getattr(base, name), getattr(current, name)
+        parts.append(f"{name} {c / b:.2f}×" if b else f"{name} n/a")
+    return "current/base: " + ", ".join(parts)
+
+
+def record(lines_out: list[str], args: argparse.Namespace, argv: str, db: str) -> None:
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    today = datetime.date(2026, 11, 25).isoformat()
+    today = datetime.date.today().isoformat()
     lines = [
         "",
-        f"## heartbeats ({results[0].db})" if args.db != "sqlite" else "## heartbeats",
+        f"## heartbeats ({db})" if args.db != "sqlite" else "## heartbeats",
         "",
-        f"{today} · 2-core x86_64 VM (python-svc), Python 3.11 · "
-        f"`.venv/bin/python bench/heartbeats.py {argv}`",
+        f"{today} · {os.cpu_count()}-core machine, load average {os.getloadavg()[0]:.1f} at "
+        f"the end, Python {sys.version.split()[0]} · `.venv/bin/python bench/heartbeats.py {argv}`",
         "",
         HEADER,
-        *(row(r) for r in results),
+        *lines_out,
         "",
     ]
     RESULTS.write_text(text.rstrip("\n") + "\n" + "\n".join(lines))
+
+
+@contextlib.contextmanager
+def worktree(rev: str) -> Iterator[Path]:
+    """A temporary git worktree of ``rev`` (the "before" coordinator of --compare)."""
+    where = Path(tempfile.mkdtemp(prefix="loom-bench-hb-base-"))
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(where), rev],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield where
+    finally:
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(where)],
+            capture_output=True,
+        )
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def report(r: Result) -> None:
+    print(row(r), flush=True)
+    print(f"  {r.db_note}; sent {r.sent_rate:,.0f}/s; closes {r.closed or 'none'}", flush=True)
+    for line in r.profile_top:
+        print("   ", line)
 
 
 def main() -> None:
@@ -589,7 +487,9 @@ def main() -> None:
     parser.add_argument(
         "--db", default="sqlite", help="sqlite, or postgresql://USER@HOST:PORT/DB (fresh schema)"
     )
-    parser.add_argument("--profile", metavar="DIR", help="py-spy the coordinator's window")
+    parser.add_argument("--profile", metavar="DIR", help="cProfile the coordinator into DIR")
+    parser.add_argument("--compare", metavar="REV", help="also run git revision REV's coordinator")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per N (and per code)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, DB)")
     parser.add_argument("--verbose", action="store_true", help="print DB samples each second")
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
@@ -597,20 +497,31 @@ def main() -> None:
     hard = raise_nofile()
     if max(args.agents) + 200 > hard:
         parser.error(f"RLIMIT_NOFILE hard limit {hard} is too low for {max(args.agents)} agents")
-    results = []
-    for n in args.agents:
-        r = asyncio.run(run_one(n, args))
-        results.append(r)
-        print(row(r))
-        print(f"  {r.db_note}; sent {r.sent_rate:,.0f}/s; closes {r.closed or 'none'}")
-        for line in r.profile_top:
-            print("   ", line)
+    out: list[str] = []
+    db = "postgresql" if args.db != "sqlite" else "sqlite"
+    with contextlib.ExitStack() as stack:
+        codes = [Code("current")]
+        if args.compare:
+            codes.insert(0, Code(args.compare, stack.enter_context(worktree(args.compare))))
+        for n in args.agents:
+            runs: dict[str, list[Result]] = {c.label: [] for c in codes}
+            for _ in range(args.repeat):
+                for code in codes:  # alternating: both see the same machine load
+                    r = asyncio.run(run_one(n, args, code))
+                    runs[code.label].append(r)
+                    report(r)
+            meds = {label: median_result(rs) for label, rs in runs.items()}
+            out += [row(m) for m in meds.values()]
+            if args.compare:
+                line = ratios(meds["current"], meds[args.compare])
+                print(line, flush=True)
+                out.append(f"| {line} |")
     print()
     print(HEADER)
-    for r in results:
-        print(row(r))
+    print("\n".join(out))
+    print(f"load average at the end: {os.getloadavg()}")
     if args.record:
-        record(results, args, " ".join(sys.argv[1:]).replace(" --record", ""))
+        record(out, args, " ".join(sys.argv[1:]).replace(" --record", ""), db)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from loom.coordinator import tunnel
@@ -70,7 +71,11 @@ async def _receive_json(ws: WebSocket) -> object:
 async def _receive_timed(ws: WebSocket, *, binary: bool = False) -> tuple[float, object]:
     """The next frame, parsed, with `time.monotonic()` taken as it arrived (before parsing)."""
     message = await ws.receive()
-    received_at = time.monotonic()
+    return _parse(message, time.monotonic(), binary=binary)
+
+
+def _parse(message: Message, received_at: float, *, binary: bool) -> tuple[float, object]:
+    """One received ASGI message as (arrival time, JSON value or tunnel bytes)."""
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     text = message.get("text")
@@ -180,10 +185,33 @@ async def _handshake(state: CoordinatorState, ws: WebSocket) -> AgentConnection:
     return conn
 
 
+#: How every agent spells a heartbeat frame (``Heartbeat.model_dump_json``): such frames take
+#: the fast path, validated from the JSON text in one pass; anything else (or a frame that
+#: fails there) takes the general path, which names what is wrong.
+_HEARTBEAT_PREFIX = '{"type":"heartbeat",'
+_HEARTBEAT_ACK = '{"type":"heartbeat_ack","seq":%d}'
+
+
 async def _serve(state: CoordinatorState, ws: WebSocket, conn: AgentConnection) -> None:
     hub = state.hub
+    beats = hub.heartbeats
+    node_id = conn.node_id
     while True:
-        received_at, raw = await _receive_timed(ws, binary=True)
+        message = await ws.receive()
+        received_at = time.monotonic()
+        text = message.get("text")
+        if text is not None and text.startswith(_HEARTBEAT_PREFIX) and len(text) < 4096:
+            try:
+                beat = Heartbeat.model_validate_json(text)
+            except ValidationError:
+                pass  # the general path below closes with the reason
+            else:
+                if conn.closed:
+                    return
+                beats.record(node_id, time.time(), beat.load)
+                await conn.send_text(_HEARTBEAT_ACK % beat.seq)
+                continue
+        received_at, raw = _parse(message, received_at, binary=True)
         if isinstance(raw, bytes):
             try:
                 await tunnel.link_for(conn).on_frame(raw)
@@ -197,7 +225,7 @@ async def _serve(state: CoordinatorState, ws: WebSocket, conn: AgentConnection) 
         if conn.closed:
             return
         if isinstance(msg, Heartbeat):
-            hub.heartbeats.record(conn.node_id, time.time(), msg.load.model_dump_json())
+            beats.record(node_id, time.time(), msg.load)
             await conn.send_text(HeartbeatAck(seq=msg.seq).model_dump_json())
         elif isinstance(msg, Ack):
             conn.resolve(msg)

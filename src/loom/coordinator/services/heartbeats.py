@@ -2,7 +2,8 @@
 
 A million agents beating every 60 s is ~17,000 heartbeats/s (DESIGN.md §6): one
 transaction per heartbeat would drown the database. `HeartbeatBuffer.record` is O(1)
-and touches no I/O; `flush` writes every node's latest beat in one executemany.
+and touches no I/O (it keeps the validated `Load`; only each node's latest one is turned
+into JSON, at flush); `flush` writes every node's latest beat in one executemany.
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from loom.coordinator.db.models import Node
 from loom.coordinator.replicas import sessions
+from loom.protocol.messages import Load
 
 
 @dataclass
 class _Pending:
     at: float
     count: int
-    load_json: str
+    load: Load | str
+
+    @property
+    def load_json(self) -> str:
+        return self.load if isinstance(self.load, str) else self.load.model_dump_json()
 
 
 class HeartbeatBuffer:
@@ -31,16 +37,17 @@ class HeartbeatBuffer:
         self._last_seen: dict[str, float] = {}
         self.total = 0
 
-    def record(self, node_id: str, at: float, load_json: str) -> None:
+    def record(self, node_id: str, at: float, load: Load | str) -> None:
+        """One beat of ``node_id`` at ``at``; ``load`` is its Load (or that Load's JSON)."""
         self.total += 1
         self._last_seen[node_id] = at
         entry = self._pending.get(node_id)
         if entry is None:
-            self._pending[node_id] = _Pending(at, 1, load_json)
+            self._pending[node_id] = _Pending(at, 1, load)
         else:
             entry.at = at
             entry.count += 1
-            entry.load_json = load_json
+            entry.load = load
 
     def last_seen(self, node_id: str) -> float | None:
         return self._last_seen.get(node_id)
