@@ -252,7 +252,8 @@ _run = itertools.count()
 
 def _transfer(op: Op, run: int) -> Transfer:
     tag = f"r{run}"
-    user, cluster = f"{run:032x}{op.user + 1:032x}", f"{tag}-c{op.cluster}"
+    # An escrow is refunded to the user who funded it (verify checks it): one user's clusters.
+    user, cluster = f"{run:032x}{op.user + 1:032x}", f"{tag}-u{op.user}-c{op.cluster}"
     key, amount = f"{tag}-k{op.key}", op.credits * MICRO
     if op.kind == "deposit":
         return Transfer.of(core.DEPOSIT, key, core.deposit_entries(user, amount))
