@@ -7,22 +7,26 @@ same database. Steps take `now`; nothing sleeps.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import cast
 
 import pytest
-from sqlalchemy import Table, select
+from sqlalchemy import Table, delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from loom.coordinator import leases
+from loom.coordinator.agent_client import AgentClient
 from loom.coordinator.config import Settings
 from loom.coordinator.db.engine import create_engine, is_sqlite, migrate, session_factory
 from loom.coordinator.db.models import Cluster, LeaseAudit, Member, Node
+from loom.coordinator.hub import AgentHub
 from loom.coordinator.loops.cluster_work import ClusterWork
 from loom.coordinator.loops.clusters import ClusterLoop
 from loom.coordinator.loops.settlement import run_settlement
 from loom.coordinator.state import CoordinatorState
+from loom.protocol.messages import Ack
 
 T0 = 1_800_000_000.0
 CLUSTERS = cast(Table, Cluster.__table__)
@@ -390,3 +394,86 @@ async def test_only_the_settlement_role_holder_settles(
     assert sorted(r.skipped for r in results) == [False, True]
     again = await asyncio.gather(run_settlement(a, T0 + 30), run_settlement(b, T0 + 30))
     assert [r.skipped for r in again] == [r.skipped for r in results]  # the holder keeps it
+
+
+class RecordingAgents(AgentClient):
+    """Every agent reachable; ``member.start`` acked like a real agent's (a Ray node id and,
+    for the head, its addresses). Only the transport is replaced: commands are the typed
+    models, encoded and parsed as on the wire."""
+
+    def __init__(self) -> None:
+        super().__init__(AgentHub())
+        self.calls: list[tuple[str, str, dict[str, object]]] = []
+
+    def reachable(self, node_id: str) -> bool:
+        return True
+
+    async def _send(self, node_id: str, name: str, args_json: str, timeout: float) -> Ack:
+        args = json.loads(args_json)
+        self.calls.append((node_id, name, args))
+        if name == "member.start":
+            result = {"ray_node_id": f"ray-{args['member_id']}"}
+            if args["role"] == "head":
+                result["gcs_address"] = "10.0.0.1:6379"
+            return Ack(id="x", ok=True, result=result)
+        return Ack(id="x", ok=False, error="not answered in this test")
+
+
+async def test_a_dead_replicas_provisioning_is_resumed_without_starting_a_member_twice(
+    replicas: tuple[CoordinatorState, CoordinatorState],
+) -> None:
+    a, b = replicas
+    agents = RecordingAgents()
+    b.agents = agents
+    await _seed_running(a.sessions, 3)  # three nodes; the cluster below uses them all
+    async with a.sessions() as s:
+        await s.execute(delete(Member))
+        await s.execute(delete(Cluster))
+        cluster = _cluster(100, state="provisioning")
+        cluster.spec_json = json.dumps({"nodes": 3, "resources": {"cpus": 1}})
+        cluster.head_address = "10.0.0.1:6379"
+        s.add(cluster)
+        await s.flush()
+        # r-a started the head (ready), asked n-0001 (starting), then died.
+        for i, (role, mstate) in enumerate(
+            [("head", "ready"), ("worker", "starting"), ("worker", "assigned")]
+        ):
+            s.add(
+                Member(
+                    id=f"m-{i:04d}",
+                    cluster_id="c-0100",
+                    node_id=f"n-{i:04d}",
+                    role=role,
+                    state=mstate,
+                    model="cpu",
+                    units=1,
+                    price_micro=0,
+                    created_at=T0,
+                    ready_at=T0 if mstate == "ready" else None,
+                )
+            )
+        await s.commit()
+    async with a.sessions() as s:
+        assert await leases.claim_one(s, CLUSTERS, "c-0100", owner="r-a", now=T0, ttl_s=30)
+        await s.commit()
+    loop_b = ClusterLoop(b)
+    try:
+        assert await loop_b.run_once(T0 + 10) == []  # r-a's lease holds until it expires
+        assert await loop_b.run_once(T0 + 31) == ["c-0100"]
+    finally:
+        await b.stop_loops()
+    started = sorted(
+        str(args["member_id"]) for _, name, args in agents.calls if name == "member.start"
+    )
+    assert started == ["m-0001", "m-0002"]  # the head, already ready, is not started again
+    async with b.sessions() as s:
+        ended = await s.get(Cluster, "c-0100")
+        assert ended is not None
+        assert ended.state == "running", ended.reason
+        states = dict((await s.execute(select(Member.id, Member.state))).all())
+        assert states == {"m-0000": "ready", "m-0001": "ready", "m-0002": "ready"}
+    counts = Counter((item, action) for item, action, _ in await _audit(b.sessions))
+    assert counts[("c-0100", "member.ready:m-0001")] == 1
+    assert counts[("c-0100", "member.ready:m-0002")] == 1
+    assert counts[("c-0100", "provisioning->running")] == 1
+    assert ("c-0100", "member.ready:m-0000") not in counts
