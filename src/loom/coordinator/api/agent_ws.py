@@ -35,6 +35,7 @@ from loom.core.models import NodeState
 from loom.protocol.messages import (
     CLOSE_BAD_MESSAGE,
     CLOSE_BANNED,
+    CLOSE_REPLACED,
     MAX_FRAME_BYTES,
     Ack,
     Auth,
@@ -230,9 +231,13 @@ async def _serve(state: CoordinatorState, ws: WebSocket, conn: AgentConnection) 
         elif isinstance(msg, Ack):
             conn.resolve(msg)
         elif isinstance(msg, Report):
+            if not await _still_held(state, conn):
+                raise _Refuse(CLOSE_REPLACED, "this agent reconnected to another replica")
             await hub.dispatch_report(conn.node_id, msg, received_at)
         elif isinstance(msg, InventoryUpdate):
             check_inventory(msg.inventory)  # a claim out of physical bounds closes (4003)
+            if not await _still_held(state, conn):
+                raise _Refuse(CLOSE_REPLACED, "this agent reconnected to another replica")
             async with state.session() as session:
                 node = await node_service.get_node(session, conn.node_id)
                 node_service.apply_inventory(node, msg.inventory)
@@ -242,6 +247,15 @@ async def _serve(state: CoordinatorState, ws: WebSocket, conn: AgentConnection) 
             await _drain(state, conn, msg.reason)
             await _close(ws, 1000, "drained")
             return
+
+
+async def _still_held(state: CoordinatorState, conn: AgentConnection) -> bool:
+    """Whether this replica still holds the agent's session at the connection's epoch:
+    writes on the agent's behalf (reports, inventory) are fenced by it."""
+    async with state.session() as session:
+        return await agent_sessions.holds(
+            session, conn.node_id, state.settings.replica_id, conn.epoch
+        )
 
 
 async def _drain(state: CoordinatorState, conn: AgentConnection, reason: str) -> None:
