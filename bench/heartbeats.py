@@ -230,6 +230,21 @@ def start_coordinator(
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
 
 
+#: `python -c` launcher of `loom` under cProfile; SIGUSR1 writes the profile (uvicorn
+#: re-raises SIGTERM after its shutdown, which would kill cProfile's own writer).
+PROFILED = """
+import cProfile, signal, sys
+from loom.entry import main
+profile = cProfile.Profile()
+def dump(*_):
+    profile.disable()
+    profile.dump_stats({out!r})
+signal.signal(signal.SIGUSR1, dump)
+profile.enable()
+main()
+"""
+
+
 @dataclass(frozen=True)
 class Code:
     """Which coordinator to run: the working tree's, or a git worktree's (``--compare``)."""
@@ -258,8 +273,10 @@ async def run_one(n: int, args: argparse.Namespace, code: Code) -> Result:
     cmd = [sys.executable]
     if prof is not None:
         prof.parent.mkdir(parents=True, exist_ok=True)
-        cmd += ["-m", "cProfile", "-o", str(prof)]
-    cmd += ["-m", "loom", "coordinator", "serve", "--host", "127.0.0.1"]
+        cmd += ["-c", PROFILED.format(out=str(prof))]
+    else:
+        cmd += ["-m", "loom"]
+    cmd += ["coordinator", "serve", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--db", db.coordinator_url(), "--log-level", "warning"]
     proc = start_coordinator(cmd, env, log, code.root)
     stats = Stats()
@@ -368,9 +385,15 @@ async def run_one(n: int, args: argparse.Namespace, code: Code) -> Result:
         for task in receivers:
             task.cancel()
         await asyncio.gather(*receivers, return_exceptions=True)
+        if prof is not None:  # the profile is written on SIGUSR1 (uvicorn dies of SIGTERM)
+            proc.send_signal(signal.SIGUSR1)
+            for _ in range(300):  # up to 60 s
+                if prof.exists() or proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=120 if prof is not None else 30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
