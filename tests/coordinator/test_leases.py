@@ -20,10 +20,11 @@ from loom.coordinator import leases
 from loom.coordinator.agent_client import AgentClient
 from loom.coordinator.config import Settings
 from loom.coordinator.db.engine import create_engine, is_sqlite, migrate, session_factory
-from loom.coordinator.db.models import Cluster, LeaseAudit, Member, Node
+from loom.coordinator.db.models import Cluster, LeaseAudit, Member, Node, UtilizationSample
 from loom.coordinator.hub import AgentHub
 from loom.coordinator.loops.cluster_work import ClusterWork
 from loom.coordinator.loops.clusters import ClusterLoop
+from loom.coordinator.loops.explorer import ExplorerState, sample_step
 from loom.coordinator.loops.settlement import run_settlement
 from loom.coordinator.state import CoordinatorState
 from loom.protocol.messages import Ack
@@ -477,3 +478,21 @@ async def test_a_dead_replicas_provisioning_is_resumed_without_starting_a_member
     assert counts[("c-0100", "member.ready:m-0002")] == 1
     assert counts[("c-0100", "provisioning->running")] == 1
     assert ("c-0100", "member.ready:m-0000") not in counts
+
+
+async def test_one_utilization_sample_a_minute_whichever_replicas_sample(
+    replicas: tuple[CoordinatorState, CoordinatorState],
+) -> None:
+    a, b = replicas
+    ea, eb = ExplorerState(), ExplorerState()
+    first = await asyncio.gather(sample_step(a, ea, T0), sample_step(b, eb, T0))
+    assert sorted(first) == [False, True]
+    holder, other = (a, b) if first[0] else (b, a)
+    assert await sample_step(holder, ea, T0 + 60)
+    assert not await sample_step(other, eb, T0 + 120)  # the holder's role lasts 180 s
+    # The holder dies: after its role expired the other replica samples, once a minute.
+    assert await sample_step(other, eb, T0 + 241)
+    assert not await sample_step(other, eb, T0 + 250)
+    async with a.sessions() as s:
+        ats = sorted((await s.execute(select(UtilizationSample.at))).scalars())
+    assert ats == [T0, T0 + 60, T0 + 241]
