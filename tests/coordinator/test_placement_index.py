@@ -9,13 +9,14 @@ grows with the network.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, cast
 
 import pytest
 from sqlalchemy import Table, event, func, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from loom.client.sdk import LoomAPIError, LoomClient
 from loom.coordinator.db.batching import CHUNK
@@ -244,6 +245,32 @@ def test_the_reservation_computes_capacity_as_core_does(
         assert coordinator.run_coro(offered(count, verified)) == offered_units(count, verified)
 
 
+class HookedSessions:
+    """The coordinator's session factory as an index sees it: sessions opened are counted,
+    and a step can be injected before the next opens (after ``skip`` of them)."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.sessions = sessions
+        self.opened = 0
+        self.skip = 0
+        self.hook: Callable[[], Awaitable[None]] | None = None
+
+    def factory(self) -> async_sessionmaker[AsyncSession]:
+        return cast("async_sessionmaker[AsyncSession]", self)
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[AsyncSession]:
+        self.opened += 1
+        if self.hook is not None:
+            if self.skip:
+                self.skip -= 1
+            else:
+                hook, self.hook = self.hook, None
+                await hook()
+        async with self.sessions() as session:
+            yield session
+
+
 def test_placement_reads_nothing_and_an_urgent_change_unlists_at_once(
     coordinator: CoordinatorThread, agents: FakeAgents
 ) -> None:
@@ -251,15 +278,17 @@ def test_placement_reads_nothing_and_an_urgent_change_unlists_at_once(
     b = add_node(coordinator, agents, "ub", price="0.20", cpu_cores=2)
     state = coordinator.state
     # A private index (no bus, no refresh loop): every step below is driven by the test.
-    index = PlacementIndex(state.sessions, require_verified=index_of(coordinator).require_verified)
+    sessions = HookedSessions(state.sessions)
+    verified = index_of(coordinator).require_verified
+    index = PlacementIndex(sessions.factory(), require_verified=verified)
     coordinator.run_coro(index.load())
     one = requirement_from_spec(parse_spec({"nodes": 1, "resources": {"cpus": 1}}))
     two = requirement_from_spec(parse_spec({"nodes": 2, "resources": {"cpus": 1}}))
 
     def place(req: Any, n: int, **kw: Any) -> tuple[Any, int]:
-        with Statements(state.engine) as seen:
-            plan = coordinator.run_coro(index.place(req, n, **kw))
-        return plan, seen.count
+        before = sessions.opened  # the index's own reads (the coordinator's loops run too)
+        plan = coordinator.run_coro(index.place(req, n, **kw))
+        return plan, sessions.opened - before
 
     plan, queries = place(one, 1)
     assert isinstance(plan, PlacementPlan) and plan.head.node_id == a
@@ -282,6 +311,33 @@ def test_placement_reads_nothing_and_an_urgent_change_unlists_at_once(
     assert index.index.get(b, "cpu") is not None
     plan, queries = place(one, 1, exclude_nodes={a})
     assert isinstance(plan, PlacementPlan) and plan.head.node_id == b and queries == 0
+
+
+def test_a_resync_never_overwrites_a_newer_re_read(coordinator: CoordinatorThread) -> None:
+    state = coordinator.state
+    supply = coordinator.run_coro(insert_supply(state.sessions, 40, sizes=(1,), prefix="rs"))
+    first = supply.node_ids[0]  # in the resync's first page
+    hooked = HookedSessions(state.sessions)
+    index = PlacementIndex(hooked.factory(), require_verified=True, presence=None)
+    index.page, index.settle_s = 10, 0.0
+    coordinator.run_coro(index.load())
+    old_price = index.nodes[first].price_micro
+
+    async def change_and_refresh() -> None:  # between the resync's first and second page
+        async with state.sessions() as session:
+            await session.execute(update(Node).where(Node.id == first).values(price_micro=7))
+            await session.commit()
+        index.on_event(NodeChanged(node_id=first, cause=ChangeCause.PRICE))
+        for _ in range(2):  # read, then read again after the settling delay: clean
+            await index.refresh()
+        assert index.nodes[first].price_micro == 7 and index.dirty == 0
+
+    hooked.skip, hooked.hook = 1, change_and_refresh
+    repaired = coordinator.run_coro(index.resync())
+    assert hooked.hook is None, "the change ran while the resync was reading"
+    assert old_price != 7 and index.nodes[first].price_micro == 7  # not the older page's row
+    assert repaired == 0
+    assert coordinator.run_coro(index.resync()) == 0 and index.nodes[first].price_micro == 7
 
 
 def test_placement_and_offers_beyond_32767_devices(coordinator: CoordinatorThread) -> None:

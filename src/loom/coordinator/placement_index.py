@@ -277,6 +277,7 @@ class PlacementIndex:
         self.presence = presence
         self.heartbeat_interval_s = heartbeat_interval_s
         self.settle_s = SETTLE_S
+        self.page = PAGE
         self.index = DeviceIndex()
         self.nodes: dict[str, NodeRow] = {}
         self.scores: dict[str, float] = {}
@@ -291,6 +292,9 @@ class PlacementIndex:
         #: Bumped when this process changes a node in memory (:meth:`reserved`): a re-read
         #: that started before cannot overwrite it with the older row.
         self._local: dict[str, int] = {}
+        #: node id -> monotonic time its last re-read (:meth:`refresh`) started: a resync page
+        #: read before that must not overwrite the newer row (nor forget a newer node).
+        self._read_at: dict[str, float] = {}
         self._lock = asyncio.Lock()
         self.loaded = False
         self.loaded_at = 0.0
@@ -331,13 +335,18 @@ class PlacementIndex:
     async def load(self) -> None:
         """Everything, page by page; then the scores. Replaces what memory holds."""
         versions = dict(self._local)
+        started = time.monotonic()
         fresh = await self._read_all()  # outside the lock: refreshes go on meanwhile
         async with self._lock:
             for node_id, version in self._local.items():
                 if versions.get(node_id, 0) != version:  # changed here during the read
                     fresh.pop(node_id, None)
                     self._dirty[node_id] = (time.monotonic(), False)
-            seen = set(fresh)
+            # Re-read by a refresh while the pages were read: memory holds the newer row.
+            newer = {n for n, at in self._read_at.items() if at >= started}
+            for node_id in newer:
+                fresh.pop(node_id, None)
+            seen = set(fresh) | newer
             for node_id in [n for n in self.nodes if n not in seen and n not in self._dirty]:
                 self._forget(node_id)
             changed = [row for row in fresh.values() if self.nodes.get(row.id) != row]
@@ -350,6 +359,8 @@ class PlacementIndex:
             self.repaired = len(missed) if self.loaded else 0
             if missed and self.loaded:
                 log.warning("placement resync repaired %d node(s), e.g. %s", len(missed), missed[0])
+            keep = started - RESYNC_S  # what a load still reading (started since) may need
+            self._read_at = {n: at for n, at in self._read_at.items() if at >= keep}
             if rescore:
                 await self._score(list(self.nodes))
                 self.scored_at = now
@@ -367,7 +378,7 @@ class PlacementIndex:
         after = ""
         while True:
             async with self.sessions() as session:
-                page = await _load_range(session, after, PAGE)
+                page = await _load_range(session, after, self.page)
             if not page:
                 return out
             for row in page:
@@ -417,6 +428,7 @@ class PlacementIndex:
 
     async def _reread(self, chunk: list[str], seen: dict[str, float]) -> None:
         versions = {n: self._local.get(n, 0) for n in chunk}
+        started = time.monotonic()
         async with self.sessions() as session:
             rows = await _load_nodes(session, chunk)
             got = await node_scores(
@@ -427,6 +439,7 @@ class PlacementIndex:
             if self._local.get(node_id, 0) != versions[node_id]:
                 self._dirty[node_id] = (time.monotonic(), False)  # changed here meanwhile
                 continue
+            self._read_at[node_id] = started
             entry = self._dirty.get(node_id)  # urgent until a read started after its last event
             if entry is None or entry[0] == seen[node_id]:
                 self._urgent.discard(node_id)
