@@ -262,8 +262,7 @@ async def run_one(n: int, args: argparse.Namespace, code: Code) -> Result:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "LOOM_HOME": str(tmp / "home")}
-    if code.root != REPO:
-        env["PYTHONPATH"] = str(code.root / "src")
+    env["PYTHONPATH"] = str(code.root / "src")  # this code, not whatever is installed
     log = tmp / "coordinator.log"
     prof = (
         Path(args.profile) / f"coordinator-{n}-{result.db}-{code.label}.prof"
