@@ -117,6 +117,19 @@ async def prepare(url: str, devices: int) -> tuple[frozenset[str], int, float]:
     return frozenset(supply.node_ids), supply.devices, took
 
 
+def start(server: CoordinatorThread, timeout: float = 600) -> None:
+    """``server.start()`` with room for loading 100,000 devices on a loaded machine (the
+    test helper allows 30 s)."""
+    server.thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.server.started:
+        if not server.thread.is_alive():
+            raise RuntimeError("coordinator thread died during start-up")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"coordinator did not start within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
 def run(url: str, devices: int, requests: int, before: int, seed: int) -> dict[str, Any]:
     everyone, rows, insert_s = asyncio.run(prepare(url, devices))
     settings = Settings(db_url=url, port=free_port(), faucet=True, tune_gc=True)
@@ -125,7 +138,7 @@ def run(url: str, devices: int, requests: int, before: int, seed: int) -> dict[s
     assert state.placement is not None
     state.placement.presence = everyone  # the agents' sockets, simulated (see docstring)
     t = time.perf_counter()
-    server.start()  # the lifespan loads the index before serving
+    start(server)  # the lifespan loads the index before serving
     load_s = time.perf_counter() - t
     owner = KeyPair.generate()
     with LoomClient(server.url, owner) as client:
