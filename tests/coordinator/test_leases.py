@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import cast
 
 import pytest
-from sqlalchemy import Table, delete, select
+from sqlalchemy import Table, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from loom.coordinator import leases
@@ -26,6 +26,7 @@ from loom.coordinator.loops.cluster_work import ClusterWork
 from loom.coordinator.loops.clusters import ClusterLoop
 from loom.coordinator.loops.explorer import ExplorerState, sample_step
 from loom.coordinator.loops.settlement import run_settlement
+from loom.coordinator.loops.watchdog import watchdog_step
 from loom.coordinator.state import CoordinatorState
 from loom.protocol.messages import Ack
 
@@ -496,3 +497,22 @@ async def test_one_utilization_sample_a_minute_whichever_replicas_sample(
     async with a.sessions() as s:
         ats = sorted((await s.execute(select(UtilizationSample.at))).scalars())
     assert ats == [T0, T0 + 60, T0 + 241]
+
+
+async def test_one_watchdog_judges_and_takes_each_silent_node_offline_once(
+    replicas: tuple[CoordinatorState, CoordinatorState],
+) -> None:
+    a, b = replicas
+    await _seed_running(a.sessions, 4)
+    async with a.sessions() as s:
+        await s.execute(update(Node).values(state="available", last_heartbeat_at=T0))
+        await s.commit()
+    now = T0 + 100  # every node silent for 100 s (timeout 15 s)
+    went = await asyncio.gather(watchdog_step(a, now), watchdog_step(b, now))
+    assert sorted(len(w) for w in went) == [0, 4]
+    async with a.sessions() as s:
+        assert set((await s.execute(select(Node.state))).scalars()) == {"offline"}
+    audit = await _audit(a.sessions)
+    assert sorted(item for item, action, _ in audit if action.startswith("offline@")) == [
+        f"n-{i:04d}" for i in range(4)
+    ]

@@ -1,8 +1,13 @@
 """Watchdog (Prefect-style): nodes that stop heart-beating become `offline`.
 
 A reconciler: flush what we observed (buffered heartbeats), read the facts from the
-database, decide, act, record. Idempotent, so any replica may run it at any time. Each
-node is isolated (a savepoint each; errors counted in ``loom_loop_item_errors_total``).
+database, decide, act, record. Idempotent. Each node is isolated (a savepoint each;
+errors counted in ``loom_loop_item_errors_total``).
+
+Every replica flushes the heartbeats it received; one judges at a time: the holder of the
+``watchdog`` role lease (``loom.coordinator.leases``), claimed in the judging transaction
+itself (the role row stays locked until it commits), each node taken offline recorded in
+``lease_audit``. A judge that dies is replaced once its role expired.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import time
 
 from sqlalchemy import select
 
+from loom.coordinator import leases
 from loom.coordinator.db.models import Node
 from loom.coordinator.loops.isolation import isolated
 from loom.coordinator.replicas import sessions as agent_sessions
@@ -20,6 +26,8 @@ from loom.coordinator.services import nodes as node_service
 from loom.coordinator.state import CoordinatorState
 from loom.core.models import NodeState
 from loom.protocol.messages import CLOSE_STALE
+
+ROLE = "watchdog"
 
 _WATCHED = (
     NodeState.REGISTERING.value,
@@ -50,6 +58,11 @@ async def watchdog_step(state: CoordinatorState, now: float | None = None) -> li
         # node is not dead because *we* were down. Judge nobody until then.
         return went_offline
     async with state.session() as session:
+        role_ttl = max(10.0, 5 * state.settings.watchdog_interval_s)
+        lease = await leases.claim_role(session, ROLE, state.settings.replica_id, now, role_ttl)
+        if lease is None:  # another replica judges
+            await session.commit()
+            return went_offline
         stmt = select(Node).where(Node.state.in_(_WATCHED), Node.last_heartbeat_at < cutoff)
         if session.bind is not None and session.bind.dialect.name == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True)
@@ -81,6 +94,9 @@ async def watchdog_step(state: CoordinatorState, now: float | None = None) -> li
                         session, node, NodeState.OFFLINE, f"no heartbeat for {gap:.1f} s", now
                     )
                     node.connected_since = None
+                    leases.audit_role(
+                        session, lease, action=f"offline@{now:.3f}", item_id=node_id, now=now
+                    )
                 went_offline.append(node_id)
         async with isolated("watchdog", "nonces"), session.begin_nested():
             await auth_service.purge_nonces(session, now)
