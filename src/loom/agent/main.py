@@ -40,6 +40,7 @@ from loom.protocol.messages import (
     Heartbeat,
     HeartbeatAck,
     Hello,
+    Inventory,
     Report,
     Welcome,
     coordinator_message_adapter,
@@ -188,6 +189,11 @@ class Agent:
     # -- one connection -----------------------------------------------------------------
 
     async def _session(self, backoff: Backoff, url: str) -> None:
+        # Taken before dialling (in a thread: it reads /proc, the disk, NVML): the
+        # coordinator gives a handshake 10 s, which a loaded machine must not spend here.
+        inventory = await asyncio.to_thread(
+            collect, self.probe, self.config.work_dir, runtimes=self.runtimes
+        )
         async with websockets.connect(
             url,
             max_size=MAX_FRAME_BYTES,
@@ -195,7 +201,7 @@ class Agent:
             ping_interval=20,
             compression=None,
         ) as ws:
-            welcome = await self._handshake(ws)
+            welcome = await self._handshake(ws, inventory)
             self.node_id = welcome.node_id
             self._ws = ws
             self.connected.set()
@@ -229,9 +235,8 @@ class Agent:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
 
-    async def _handshake(self, ws: ClientConnection) -> Welcome:
+    async def _handshake(self, ws: ClientConnection, inventory: Inventory) -> Welcome:
         hello = Hello.model_validate_json(await asyncio.wait_for(ws.recv(), 10))
-        inventory = collect(self.probe, self.config.work_dir, runtimes=self.runtimes)
         auth = Auth(
             protocol=self.protocol,
             agent_version=self.config.agent_version,
