@@ -27,7 +27,11 @@ from loom.coordinator.loops.clusters import ClusterLoop
 from loom.coordinator.loops.explorer import ExplorerState, sample_step
 from loom.coordinator.loops.settlement import run_settlement
 from loom.coordinator.loops.watchdog import watchdog_step
+from loom.coordinator.services import billing, ledger
 from loom.coordinator.state import CoordinatorState
+from loom.core import ledger as core
+from loom.core.money import MICRO
+from loom.core.spec import parse_spec
 from loom.protocol.messages import Ack
 
 T0 = 1_800_000_000.0
@@ -516,3 +520,42 @@ async def test_one_watchdog_judges_and_takes_each_silent_node_offline_once(
     assert sorted(item for item, action, _ in audit if action.startswith("offline@")) == [
         f"n-{i:04d}" for i in range(4)
     ]
+
+
+async def test_two_settlers_racing_pay_each_period_once(
+    replicas: tuple[CoordinatorState, CoordinatorState],
+) -> None:
+    """Both replicas tick settlement at the same moments; only the role holder settles,
+    the supplier is paid exactly what one settler pays, and the ledger verifies."""
+    a, b = replicas
+    user, supplier = "ab" * 32, "cd" * 32
+    spec = parse_spec({"resources": {"cpus": 1}, "duration": "1h"})
+    async with a.sessions() as s:
+        await ledger.post(s, core.DEPOSIT, "d1", core.deposit_entries(user, 10 * MICRO), {}, T0)
+        await s.commit()
+    await _seed_running(a.sessions, 3)
+    async with a.sessions() as s:
+        await s.execute(
+            update(Member).values(price_micro=360_000, confirmed_s=0.0, confirmed_last=T0)
+        )
+        for cluster in (await s.execute(select(Cluster))).scalars():
+            cluster.expires_at = T0 + 3600
+            cluster.owner_key = user
+            cluster.spec_json = json.dumps(spec.model_dump(mode="json"))
+            await billing.hold_for_cluster(s, cluster, spec, T0)
+        await s.commit()
+    for tick in (100.0, 200.0):
+        async with a.sessions() as s:
+            await s.execute(update(Member).values(confirmed_s=tick, confirmed_last=T0 + tick))
+            await s.commit()
+        results = await asyncio.gather(run_settlement(a, T0 + tick), run_settlement(b, T0 + tick))
+        assert sorted(r.skipped for r in results) == [False, True]
+    async with a.sessions() as s:
+        earned = await ledger.balance(s, core.earnings_account(supplier))
+        verified = await ledger.verify(s)
+    # 3 members x 200 s at 0.36/h = 3 x 20,000 micro, 5 % fee taken.
+    assert earned == 3 * 19_000
+    assert verified.ok, verified.failure
+    audit = await _audit(a.sessions)
+    settles = Counter((item, action) for item, action, _ in audit if action.startswith("settle@"))
+    assert len(settles) == 6 and set(settles.values()) == {1}
