@@ -26,7 +26,11 @@ def sh(*argv: str, check: bool = True, stdin: str | None = None) -> str:
 
 
 class Topology:
-    def __init__(self) -> None:
+    def __init__(self, public: str = "203.0.113") -> None:
+        #: The "internet"'s /24 (another one lets two topologies coexist on one machine).
+        self.public = public
+        #: The coordinator's public address (in the root namespace).
+        self.coord_ip = f"{public}.1"
         self.tag = secrets.token_hex(2)
         self.namespaces: list[str] = []
         self.links: list[str] = []
@@ -61,7 +65,7 @@ class Topology:
             self.inet,
         )
         self.links.append(root_if)
-        sh("ip", "addr", "add", f"{COORD_IP}/24", "dev", root_if)
+        sh("ip", "addr", "add", f"{self.coord_ip}/24", "dev", root_if)
         sh("ip", "link", "set", root_if, "up")
         sh(*inet, "link", "set", "coord", "master", "br0")
         sh(*inet, "link", "set", "coord", "up")
@@ -83,7 +87,7 @@ class Topology:
             )
             sh(*inet, "link", "set", f"w{i}", "master", "br0")
             sh(*inet, "link", "set", f"w{i}", "up")
-            sh(*r, "addr", "add", f"203.0.113.{10 + i}/24", "dev", "wan")
+            sh(*r, "addr", "add", f"{self.public}.{10 + i}/24", "dev", "wan")
             sh(*r, "link", "set", "wan", "up")
             sh(*r, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", supplier)
             sh(*r, "addr", "add", f"192.168.{70 + i}.1/24", "dev", "lan")

@@ -16,7 +16,7 @@ from pathlib import Path
 from loom.agent.netns import netns_names, unavailable_reason
 from loom.agent.raynode_spec import agent_tag
 from loom.coordinator.config import Settings
-from support.nat import COORD_IP, Topology, sh
+from support.nat import Topology, sh
 from support.servers import agent_env, free_port
 
 
@@ -30,17 +30,19 @@ def skip_reason() -> str | None:
     return None if reason is None else f"needs root, iproute2, nftables, nebula ({reason})"
 
 
-def nat_settings(settings: Settings, tmp_path: Path, heartbeat_timeout_s: float = 6.0) -> Settings:
+def nat_settings(
+    settings: Settings, topology: Topology, tmp_path: Path, heartbeat_timeout_s: float = 6.0
+) -> Settings:
     """The coordinator on the topology's public address, with its lighthouse/relay."""
-    settings.host = COORD_IP
-    settings.overlay_listen = f"{COORD_IP}:{free_port()}"
+    settings.host = topology.coord_ip
+    settings.overlay_listen = f"{topology.coord_ip}:{free_port()}"
     settings.overlay_dir = str(tmp_path / "overlay")
     settings.heartbeat_timeout_s = heartbeat_timeout_s
     return settings
 
 
 def coordinator_url(settings: Settings) -> str:
-    return f"http://{COORD_IP}:{settings.port}"
+    return f"http://{settings.host}:{settings.port}"
 
 
 def start_agent(
