@@ -31,6 +31,7 @@ class NatsLink:
         self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
         self.reconnects = 0
         self.connected = False
+        self._closing = False
 
     @property
     def nc(self) -> NATS:
@@ -66,6 +67,7 @@ class NatsLink:
     async def close(self) -> None:
         nc, self._nc = self._nc, None
         self.connected = False
+        self._closing = True
         if nc is not None and not nc.is_closed:
             try:
                 await asyncio.wait_for(nc.drain(), 5)
@@ -74,6 +76,8 @@ class NatsLink:
 
     async def _disconnected(self) -> None:
         self.connected = False
+        if self._closing:
+            return
         log.warning("replica %s lost the bus; reconnecting", self.replica_id)
 
     async def _reconnected(self) -> None:
