@@ -330,7 +330,18 @@ def check_entries(entries: Iterable[Entry], kind: str, meta: Mapping[str, str]) 
 
 def canonical_entries(entries: Iterable[Entry | tuple[str, int]]) -> tuple[Entry, ...]:
     """Entries sorted by account (how they are hashed). Use it on rows read from a database."""
+    if type(entries) is tuple and _already_canonical(entries):
+        return entries  # the common case on the posting path: nothing to rebuild
     return tuple(sorted(Entry(account, amount) for account, amount in entries))
+
+
+def _already_canonical(entries: tuple[Entry | tuple[str, int], ...]) -> bool:
+    previous: Entry | None = None
+    for entry in entries:
+        if type(entry) is not Entry or (previous is not None and not previous < entry):
+            return False
+        previous = entry
+    return True
 
 
 def build_transaction(

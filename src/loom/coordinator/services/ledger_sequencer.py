@@ -172,9 +172,9 @@ class Sequencer:
         future: asyncio.Future[Transaction] = asyncio.get_running_loop().create_future()
         self._local.append(_Pending(transfer, future))
         self._wake.set()
-        # A cancelled caller does not withdraw the transfer: it may still be sealed, and a
-        # retry with the same key finds it.
-        return await asyncio.shield(future)
+        # A cancelled caller (which cancels the future) does not withdraw the transfer: it
+        # is still sealed, and a retry with the same key finds it.
+        return await future
 
     async def post(
         self,
