@@ -11,6 +11,9 @@ Per backend, in one fresh database, each figure the median of R runs:
   concurrent writers (asyncio tasks, each with its own connection).
 * ``sequencer``: C concurrent callers (asyncio tasks) each awaiting `Sequencer.submit`
   for its next transfer; the sequencer seals whatever is queued in one DB transaction.
+* ``handed over``: the same through a second "replica" without the role (leased role and
+  `ledger_queue` hand-off, two Sequencers in this process): what callers of a non-holder
+  see, half as many transfers per run.
 * ``insert``: the database's own rate for single-row INSERT transactions (one row, one
   commit each) from W concurrent connections of the bare driver (asyncpg / sqlite3),
   with no ORM: the ceiling for any design that commits every transfer on its own.
@@ -39,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loom.coordinator.db.engine import create_engine, migrate, session_factory
 from loom.coordinator.services import ledger
+from loom.coordinator.services.ledger_queue import ROLE_TTL_S, LeasedRole, QueueHandoff
 from loom.coordinator.services.ledger_sequencer import Sequencer
 from loom.coordinator.services.ledger_write import Transfer
 from loom.core import ledger as core
@@ -87,6 +91,42 @@ async def _sequenced(sessions: Sessions, posts: int, callers: int, tag: str) -> 
     finally:
         await seq.stop()
     assert seq.stats.refused == 0, seq.stats
+    return rate
+
+
+async def _handed_over(sessions: Sessions, posts: int, callers: int, tag: str) -> float:
+    """Two replicas in this process: A holds the role, B's callers hand over to it."""
+
+    def replica(role: LeasedRole) -> Sequencer:
+        return Sequencer(
+            sessions, role=role, handoff=QueueHandoff(sessions, role.owner), poll_s=0.005
+        )
+
+    role_a = LeasedRole(sessions, f"{tag}-A")
+    a, b = replica(role_a), replica(LeasedRole(sessions, f"{tag}-B"))
+    # The role outlives each run's replicas: wait out a previous holder's lease if any.
+    deadline = time.monotonic() + 2 * ROLE_TTL_S + 5
+    while not await role_a.held(time.time()):
+        assert time.monotonic() < deadline, "the role never came free"
+        await asyncio.sleep(0.5)
+        role_a._next_try = 0.0
+    a.start()
+    b.start()
+    counter = iter(range(0, posts, 2))
+
+    async def caller() -> None:
+        for k in counter:
+            await b.submit(_transfer(k, tag))
+            await b.submit(_transfer(k + 1, tag))
+
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        rate = posts / (time.perf_counter() - t0)
+    finally:
+        await b.stop()
+        await a.stop()  # releases the role
+    assert b.stats.handed_over == posts and a.stats.refused == 0, (a.stats, b.stats)
     return rate
 
 
@@ -156,13 +196,16 @@ async def run(
     engine = create_engine(url)
     await migrate(engine)
     sessions = session_factory(engine)
-    figures: dict[str, list[float]] = {"direct": [], "sequencer": [], "insert": []}
+    figures: dict[str, list[float]] = {"direct": [], "sequencer": [], "insert": [], "handoff": []}
     try:
         for r in range(args.runs):
             figures["insert"].append(await insert(f"i{r}-"))
             figures["direct"].append(await _direct(sessions, args.posts, args.writers, f"d{r}"))
             figures["sequencer"].append(
                 await _sequenced(sessions, args.seq_posts, args.callers, f"s{r}")
+            )
+            figures["handoff"].append(
+                await _handed_over(sessions, args.seq_posts // 2, args.callers, f"h{r}")
             )
         await _fill(sessions, args.verify_count)
         async with sessions() as s:
@@ -231,13 +274,14 @@ def main() -> None:
         f"load {os.getloadavg()[0]:.1f}"
     )
     print(
-        "| backend | direct tx/s | sequencer tx/s | single-row inserts/s | sequencer / inserts "
-        "| sequencer / direct | verify: txns | s per 1 M |"
+        "| backend | direct tx/s | sequencer tx/s | handed over tx/s | single-row inserts/s "
+        "| sequencer / inserts | sequencer / direct | verify: txns | s per 1 M |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
         print(
-            f"| {name} | {r['direct']:.0f} | {r['sequencer']:.0f} | {r['insert']:.0f} | "
+            f"| {name} | {r['direct']:.0f} | {r['sequencer']:.0f} | {r['handoff']:.0f} | "
+            f"{r['insert']:.0f} | "
             f"{r['sequencer'] / r['insert']:.2f} | {r['sequencer'] / r['direct']:.1f} | "
             f"{int(r['verify_count']):,} | {r['verify_s_per_1m']:.0f} |"
         )
