@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -32,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from loom.agent.netns import driver_prefix, unavailable_reason
-from loom.client.sdk import LoomClient
+from loom.client.sdk import LoomAPIError, LoomClient
 from loom.coordinator.config import Settings
 from loom.protocol.identity import KeyPair
 from support.nat import COORD_IP, Topology
@@ -96,18 +97,52 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def cluster_up(
     client: LoomClient, name: str, runs: int
-) -> tuple[list[float], list[dict[str, float]]]:
-    times, timings = [], []
+) -> tuple[list[float], list[dict[str, float]], list[str]]:
+    """``runs`` clusters up (the last one is left running); failures are counted, not hidden."""
+    times, timings, failures = [], [], []
     for r in range(runs):
-        t0 = time.monotonic()
-        client.create_cluster({"name": f"{name}{r}", "nodes": 3, "resources": {"cpus": 1}})
+        deadline = time.monotonic() + 180
+        while True:  # a failed member's node is freed (or judged) a moment after it failed
+            t0 = time.monotonic()
+            try:
+                client.create_cluster({"name": f"{name}{r}", "nodes": 3, "resources": {"cpus": 1}})
+                break
+            except LoomAPIError as exc:
+                if exc.code != "no_capacity" or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
         cluster = client.wait_cluster(f"{name}{r}", timeout=300)
+        if cluster.state != "running":
+            failures.append(cluster.reason[:300])  # a failed cluster has already ended
+            continue
         times.append(time.monotonic() - t0)
-        assert cluster.state == "running", cluster.reason
         timings.append(cluster.timings)
-        if r < runs - 1:
-            client.delete_cluster(f"{name}{r}")
-    return times, timings
+        for older in range(r):  # keep only the newest running cluster
+            if client.cluster(f"{name}{older}").state == "running":
+                client.delete_cluster(f"{name}{older}")
+    return times, timings, failures
+
+
+_STEP = re.compile(r"\(([a-z]+)\) ready in ([0-9.]+) s: (.*)$")
+
+
+def steps(root: Path, prefix: str) -> str:
+    """Median seconds of each step of a member's start, from the agents' logs, by role."""
+    found: dict[str, dict[str, list[float]]] = {}
+    for log in root.glob(f"{prefix}*/agent.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            m = _STEP.search(line)
+            if not m:
+                continue
+            role = found.setdefault(m.group(1), {})
+            role.setdefault("total", []).append(float(m.group(2)))
+            for part in m.group(3).split(", "):
+                key, value, _ = part.split(" ")
+                role.setdefault(key, []).append(float(value))
+    return "; ".join(
+        f"{role}: " + ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in parts.items())
+        for role, parts in sorted(found.items())
+    )
 
 
 def main() -> int:
@@ -129,6 +164,8 @@ def main() -> int:
         faucet=True,
         tune_gc=False,
         restart_grace_s=0.0,
+        # Not measured here: hardware verification (slow on a loaded 2-core machine).
+        require_verified=False,
         overlay_listen=f"{COORD_IP}:{udp}",
         overlay_dir=str(tmp / "overlay"),
     )
@@ -156,18 +193,24 @@ def main() -> int:
                         )
                         == 3
                     ),
-                    300,
+                    600,
                     f"3 agents ({label})",
                 )
-                times, timings = cluster_up(client, prefix, args.runs)
+                times, timings, failures = cluster_up(client, prefix, args.runs)
                 results[label] = times
                 print(
                     f"cluster up, 3 members ready, {label}: median "
-                    f"{statistics.median(times):.1f} s, runs {[round(t, 1) for t in times]}"
+                    f"{statistics.median(times) if times else float('nan'):.1f} s, runs "
+                    f"{[round(t, 1) for t in times]}, failed {len(failures)} {failures}"
                 )
-                print(f"  timings of the last: {timings[-1]}", flush=True)
-                if label == "nat":
-                    cluster = client.cluster(f"{prefix}{args.runs - 1}")
+                print(f"  coordinator timings of the last: {timings[-1] if timings else {}}")
+                print(f"  agents' steps (median): {steps(tmp, prefix)}", flush=True)
+                if label == "nat" and times:
+                    cluster = next(
+                        client.cluster(c.name)
+                        for c in client.clusters()
+                        if c.name.startswith(prefix) and c.state == "running"
+                    )
                     workers = [m for m in cluster.members if m.role == "worker"]
                     src, dst = workers[0].overlay_ip, workers[1].overlay_ip
                     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.ray_token)
@@ -201,11 +244,14 @@ def main() -> int:
                         f"{[round(t, 2) for t in moved]}",
                         flush=True,
                     )
-                client.delete_cluster(f"{prefix}{args.runs - 1}")
+                for c in client.clusters():
+                    if c.name.startswith(prefix) and c.state == "running":
+                        client.delete_cluster(c.name)
                 stop(procs)
                 procs = []
-            gap = statistics.median(results["nat"]) - statistics.median(results["one machine"])
-            print(f"nat - one machine = {gap:+.1f} s (target: within 2 s)")
+            if results["nat"] and results["one machine"]:
+                gap = statistics.median(results["nat"]) - statistics.median(results["one machine"])
+                print(f"nat - one machine = {gap:+.1f} s (target: within 2 s)")
         return 0
     finally:
         stop(procs)
