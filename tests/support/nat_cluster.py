@@ -84,6 +84,7 @@ def stop_agents(agents: Sequence[subprocess.Popen[bytes]], timeout: float = 30.0
         try:
             p.wait(timeout)
         except subprocess.TimeoutExpired:
+            print(f"agent {p.args!r} ignored SIGTERM for {timeout:g} s: SIGKILL")
             p.kill()
             p.wait()
 
@@ -93,5 +94,9 @@ def leftovers(tags: tuple[str, ...], tmp_path: Path) -> list[str]:
     devices live in those namespaces and go with them)."""
     left = [f"netns {n}" for n in netns_names() if n.startswith(tags)]
     nebulas = sh("pgrep", "-af", "nebula", check=False)
-    left += [f"process {line}" for line in nebulas.splitlines() if f"{tmp_path}/" in line]
+    left += [  # the agents' member Nebulas (the coordinator's lighthouse stops after the test)
+        f"process {line}"
+        for line in nebulas.splitlines()
+        if f"{tmp_path}/" in line and "/members/" in line
+    ]
     return left

@@ -332,6 +332,9 @@ class MemberManager:
             raise RayNodeError(f"member {cmd.member_id} is not running here")
         result = await node.mark_peer_dead(cmd.ray_node_id.lower(), cmd.reason)
         self._probed.pop(cmd.member_id, None)  # the GCS's view changed
+        if result.get("status") == "dead" and result.get("node_ip"):
+            # Calls in flight to it fail now (Ray retries them) instead of at keepalive.
+            result["reset"] = await node.reset_connections_to(str(result["node_ip"]))
         log.info("member %s: peer %s marked dead: %s", cmd.member_id, cmd.ray_node_id, result)
         return MemberPeerLostReply.model_validate(result)
 

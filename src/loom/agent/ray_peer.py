@@ -2,7 +2,7 @@
 
 ``python -m loom.agent.ray_peer --gcs HOST:PORT --node-id HEX [--reason TEXT]`` prints
 one JSON line and exits 0 once the GCS lists the node DEAD (``{"status": "dead",
-"was": "alive"|"dead"|"absent", "took_s": ...}``), 1 otherwise.
+"was": "alive"|"dead"|"absent", "node_ip": ..., "took_s": ...}``), 1 otherwise.
 
 Why: when Loom declares a member lost (its agent went offline, its host was cut off), the
 head's GCS still believes the node ALIVE until its own health checks give up, and the
@@ -43,12 +43,13 @@ _NODE_ID = re.compile(r"^[0-9a-f]{56}$")
 MAX_REASON = 200
 
 
-def _state_of(client: Any, node_id: str) -> str:
-    """alive | dead | absent: the GCS's view of ``node_id`` (hex)."""
+def _state_of(client: Any, node_id: str) -> tuple[str, str]:
+    """(alive | dead | absent, its IP): the GCS's view of ``node_id`` (hex)."""
     for nid, info in client.get_all_node_info(timeout=5).items():
         if nid.hex() == node_id:
-            return "alive" if int(info.state) == ALIVE else "dead"
-    return "absent"
+            state = "alive" if int(info.state) == ALIVE else "dead"
+            return state, str(info.node_manager_address)
+    return "absent", ""
 
 
 def _unregister(gcs: str, node_id: str, reason: str, timeout: float) -> None:
@@ -83,11 +84,11 @@ def mark_dead(gcs: str, node_id: str, reason: str, timeout: float = 10.0) -> dic
         import ray._raylet
 
         client = ray._raylet.GcsClient(address=gcs)  # type: ignore[attr-defined]
-        was = _state_of(client, node_id)
+        was, node_ip = _state_of(client, node_id)
         if was == "alive":
             _unregister(gcs, node_id, reason[:MAX_REASON], timeout)
             deadline = t0 + timeout
-            while _state_of(client, node_id) == "alive":
+            while _state_of(client, node_id)[0] == "alive":
                 if time.monotonic() >= deadline:
                     return {"status": "alive", "was": was, "error": "the GCS still lists it"}
                 time.sleep(0.1)
@@ -97,7 +98,8 @@ def mark_dead(gcs: str, node_id: str, reason: str, timeout: float = 10.0) -> dic
             return {"status": "unauthenticated", "error": error}
         return {"status": "unreachable", "error": error}
     # "absent": the GCS never knew it (or forgot it): nothing will be scheduled there.
-    return {"status": "dead", "was": was, "took_s": round(time.monotonic() - t0, 3)}
+    took = round(time.monotonic() - t0, 3)
+    return {"status": "dead", "was": was, "node_ip": node_ip, "took_s": took}
 
 
 def main(argv: list[str] | None = None) -> int:

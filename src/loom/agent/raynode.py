@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -351,6 +352,39 @@ class RayNode:
             await proc.wait()
             return {"status": "unreachable", "error": f"no answer within {timeout:g}s"}
         return _parse_probe(stdout)
+
+    async def reset_connections_to(self, ip: str) -> bool:
+        """Destroy this member's TCP connections to ``ip`` (``ss -K`` in its namespace).
+
+        A host that was cut off answers nothing, so a call in flight to it (a driver's task
+        pushed to a worker there) waits for gRPC's keepalive even after the GCS lists the
+        node dead; a destroyed socket fails that call at once and Ray retries the task on
+        a live node. Only in the member's own namespace (never the host's)."""
+        if self.spec.netns is None or shutil.which("ss") is None:
+            return False
+        try:
+            addr = str(ipaddress.IPv4Address(ip))
+        except ValueError:
+            return False
+        proc = await asyncio.create_subprocess_exec(
+            "nsenter",
+            f"--net={self.spec.netns}",
+            "--",
+            "ss",
+            "-K",
+            "dst",
+            addr,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            return await asyncio.wait_for(proc.wait(), 10) == 0
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            return False
 
     async def wait_exit(self) -> int:
         """Return the exit code of the node's process once it ends (for a watcher task)."""

@@ -164,6 +164,9 @@ class MemberPeerLostReply(Reply):
     was: str = Field(default="", max_length=40)
     took_s: float | None = None
     error: str = Field(default="", max_length=400)
+    #: The lost node's address, and whether the head's connections to it were reset.
+    node_ip: str = Field(default="", max_length=100)
+    reset: bool = False
 
 
 class MemberPeerLost(AgentCommand[MemberPeerLostReply]):
