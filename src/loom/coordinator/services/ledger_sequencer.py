@@ -226,13 +226,17 @@ class Sequencer:
                 log.exception("ledger sequencer: step failed")
                 worked = False
                 await asyncio.sleep(self.poll_s * 5)
-            if worked and self._local:
-                continue
+            holder = self.stats.holder_since is not None
+            if self._local or (worked and holder and self.handoff is not None):
+                continue  # more queued here, or the hand-off queue may hold more
             self._wake.clear()
             if self._local:
                 continue
+            # A holder with a hand-off polls the queue, a submitter its answers, every
+            # poll_s; a new local transfer wakes the loop at once.
+            polling = self._waiting or (holder and self.handoff is not None)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s if self._waiting else 1.0)
+                await asyncio.wait_for(self._wake.wait(), self.poll_s if polling else 1.0)
 
     async def step(self) -> bool:
         """One round; True when it sealed, handed over or answered something."""
