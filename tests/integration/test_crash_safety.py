@@ -70,7 +70,7 @@ class CoordinatorProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        wait_for(self._healthy, 30, "the coordinator to serve", interval=0.1)
+        wait_for(self._healthy, 120, "the coordinator to serve", interval=0.1)
 
     def _healthy(self) -> bool:
         try:
