@@ -76,6 +76,8 @@ class Replica:
         await self.bus.start()
         await self.responder.start()
         await self.tunnels.start()
+        # The server has our subscriptions before anyone is told we are here.
+        await self.link.nc.flush(timeout=5)
         self.link.on_reconnect.append(self.sync)
         if on_reconnect is not None:
             self.link.on_reconnect.append(on_reconnect)
