@@ -101,6 +101,10 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await migrate(engine)
+        # Free what a previous process of ours left leased (rows and roles) before any
+        # role is taken again: the ledger sequencer below claims its role at once.
+        reconciler = cluster_loop.ClusterLoop(state)
+        await reconciler.recover()
         ledger_seq.start()
         if replica is not None:
             await replica.start(on_reconnect=placement.load)
@@ -124,8 +128,6 @@ def create_app(settings: Settings) -> FastAPI:
             await flush_heartbeats(state)
 
         state.spawn_loop("watchdog", settings.watchdog_interval_s, watchdog)
-        reconciler = cluster_loop.ClusterLoop(state)
-        await reconciler.recover()  # leases a previous process of ours left behind
         cluster_loop.spawn(state, reconciler, settings.reconcile_interval_s)
         state.spawn_loop("heartbeat-flush", settings.heartbeat_flush_s, flusher)
         state.spawn_loop("challenger", challenger.config.loop_s, challenger_loop(challenger))

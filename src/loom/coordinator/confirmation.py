@@ -113,9 +113,7 @@ async def _ask(state: CoordinatorState, cluster_id: str, reporter: Member) -> se
     if not state.agents.reachable(reporter.node_id):
         return set()
     try:
-        seen = await state.agents.member_seen(
-            reporter.node_id, reporter.id, timeout=SEEN_TIMEOUT_S
-        )
+        seen = await state.agents.member_seen(reporter.node_id, reporter.id, timeout=SEEN_TIMEOUT_S)
     except (AgentNotConnected, CommandFailed) as exc:
         log.info("member.seen from %s: %s", reporter.node_id, exc)
         return set()

@@ -94,9 +94,7 @@ class AgentConnection:
 
 def _command_frame(cmd_id: str, name: str, args_json: str) -> str:
     """A ``Command`` frame around args that are already JSON (no re-encoding)."""
-    return (
-        f'{{"type":"command","id":"{cmd_id}","name":{json.dumps(name)},"args":{args_json}}}'
-    )
+    return f'{{"type":"command","id":"{cmd_id}","name":{json.dumps(name)},"args":{args_json}}}'
 
 
 class AgentHub:
