@@ -12,6 +12,7 @@ from loom.protocol.identity import KeyPair, node_id_for
 from loom.protocol.messages import (
     CLOSE_AUTH_FAILED,
     CLOSE_BAD_MESSAGE,
+    CLOSE_HANDSHAKE_TIMEOUT,
     CLOSE_PROTOCOL_TOO_OLD,
 )
 from support.rawagent import auth_message, open_raw
@@ -105,6 +106,18 @@ async def test_binary_frame_is_refused(coordinator: CoordinatorThread) -> None:
     await ws.send(b"\x00\x01binary")
     code, reason = await _closed_with(ws)
     assert code == CLOSE_BAD_MESSAGE and "binary" in reason
+
+
+async def test_a_slow_handshake_closes_with_a_code_the_agent_retries(
+    coordinator: CoordinatorThread,
+) -> None:
+    """A loaded machine may not answer the nonce in 10 s: that is no reason to give up."""
+    from loom.agent.main import FATAL_CLOSE_CODES
+
+    ws, _hello = await open_raw(coordinator.url)
+    code, reason = await _closed_with(ws)  # we never send the auth message
+    assert code == CLOSE_HANDSHAKE_TIMEOUT and "within 10 s" in reason
+    assert code not in FATAL_CLOSE_CODES
 
 
 async def test_owner_binding_by_other_key_refused(coordinator: CoordinatorThread) -> None:

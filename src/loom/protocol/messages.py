@@ -27,6 +27,8 @@ CLOSE_BANNED = 4004
 CLOSE_REPLACED = 4005
 CLOSE_SHUTTING_DOWN = 4006
 CLOSE_STALE = 4007
+#: The handshake took too long (a loaded machine): not the agent's fault, so it retries.
+CLOSE_HANDSHAKE_TIMEOUT = 4008
 
 #: Largest frame either side accepts.
 MAX_FRAME_BYTES = 1 << 20

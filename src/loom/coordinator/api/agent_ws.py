@@ -35,6 +35,7 @@ from loom.core.models import NodeState
 from loom.protocol.messages import (
     CLOSE_BAD_MESSAGE,
     CLOSE_BANNED,
+    CLOSE_HANDSHAKE_TIMEOUT,
     CLOSE_REPLACED,
     MAX_FRAME_BYTES,
     Ack,
@@ -144,7 +145,7 @@ async def _handshake(state: CoordinatorState, ws: WebSocket) -> AgentConnection:
     try:
         raw = await asyncio.wait_for(_receive_json(ws), HANDSHAKE_TIMEOUT_S)
     except TimeoutError:
-        raise _Refuse(CLOSE_BAD_MESSAGE, "no auth message within 10 s") from None
+        raise _Refuse(CLOSE_HANDSHAKE_TIMEOUT, "no auth message within 10 s") from None
     if isinstance(raw, dict) and isinstance(raw.get("protocol"), int):
         # Refuse an old agent before schema checks: it may not know today's fields.
         refuse_old_protocol(raw["protocol"])
