@@ -21,14 +21,14 @@ from sqlalchemy import select
 from websockets.asyncio.client import ClientConnection
 
 from loom.agent.config import AgentConfig
-from loom.agent.inventory import NoGpus, collect
+from loom.agent.inventory import NoGpus
 from loom.agent.main import Agent
 from loom.agent.verification import ChallengeHandler
 from loom.client.sdk import LoomAPIError, LoomClient
 from loom.coordinator.db.models import Device
 from loom.core.challenge import params_for
 from loom.protocol.identity import KeyPair, agent_auth_message, binding_message
-from loom.protocol.messages import Auth, Hello, Welcome
+from loom.protocol.messages import Auth, Hello, Inventory, Welcome
 from support.servers import CoordinatorThread, wait_for
 
 pytestmark = pytest.mark.slow
@@ -40,9 +40,8 @@ CORE_RATE = params_for("cpu").core_rate or 0.0
 class BoastingAgent(Agent):
     """The stock agent, except that its handshake claims `CLAIMED` cores."""
 
-    async def _handshake(self, ws: ClientConnection) -> Welcome:
+    async def _handshake(self, ws: ClientConnection, real: Inventory) -> Welcome:
         hello = Hello.model_validate_json(await asyncio.wait_for(ws.recv(), 10))
-        real = collect(self.probe, self.config.work_dir, runtimes=self.runtimes)
         auth = Auth(
             protocol=self.protocol,
             node_key=self.node_key.public_hex,
