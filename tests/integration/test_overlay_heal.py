@@ -115,7 +115,12 @@ def test_cut_worker_is_replaced_and_the_job_keeps_going(
     homes = [(tmp_path / name, name) for _, name in AGENTS]
     tags = member_tags(homes)
     client.request("POST", "/v1/credits/deposit", json={"amount": "1000"})
-    agents = [start_agent(topology, i, url, tmp_path / name, name) for i, name in AGENTS]
+    # home-1b shares home 1's NAT and costs more, so the cheapest plan puts the three members
+    # in three different homes (placement knows nothing of homes) and 1b is a spare.
+    agents = [
+        start_agent(topology, i, url, tmp_path / name, name, "0.9" if name == "home-1b" else "0.1")
+        for i, name in AGENTS
+    ]
     told_before = ray_peers.TOLD["dead"]
     cut: int | None = None
     try:

@@ -46,7 +46,7 @@ def coordinator_url(settings: Settings) -> str:
 
 
 def start_agent(
-    topology: Topology, i: int, url: str, home: Path, name: str
+    topology: Topology, i: int, url: str, home: Path, name: str, price: str = "auto"
 ) -> subprocess.Popen[bytes]:
     """``loom worker start`` inside home ``i``'s machine (1-3 suppliers, 4 the user's)."""
     home.mkdir(parents=True, exist_ok=True)
@@ -63,6 +63,8 @@ def start_agent(
             name,
             "--coordinator",
             url,
+            "--price",
+            price,
         ],
         env=agent_env(home, url),
         stdout=open(home / "agent.log", "wb"),
