@@ -77,11 +77,15 @@ def member_tags(homes: Iterable[tuple[Path, str]]) -> tuple[str, ...]:
     return tuple(agent_tag(home / "agents" / name / "members") + "-" for home, name in homes)
 
 
-def stop_agents(agents: Sequence[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
-    """SIGTERM (the agent stops its members and removes their namespaces), then SIGKILL."""
+def stop_agents(
+    agents: Sequence[subprocess.Popen[bytes]], timeout: float = 30.0
+) -> list[subprocess.Popen[bytes]]:
+    """SIGTERM (the agent stops its members and removes their namespaces), then SIGKILL;
+    returns the agents that had to be killed (a SIGKILLed agent cannot clean up)."""
     for p in agents:
         if p.poll() is None:
             p.terminate()
+    killed = []
     for p in agents:
         try:
             p.wait(timeout)
@@ -89,6 +93,8 @@ def stop_agents(agents: Sequence[subprocess.Popen[bytes]], timeout: float = 30.0
             print(f"agent {p.args!r} ignored SIGTERM for {timeout:g} s: SIGKILL")
             p.kill()
             p.wait()
+            killed.append(p)
+    return killed
 
 
 def leftovers(tags: tuple[str, ...], tmp_path: Path) -> list[str]:
