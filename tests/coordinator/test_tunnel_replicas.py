@@ -10,7 +10,6 @@ Skipped, with the reason, when no NATS server answers on 127.0.0.1:4222.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -24,21 +23,9 @@ from loom.coordinator.replicas import sessions
 from loom.coordinator.replicas.replica import Replica
 from loom.coordinator.state import CoordinatorState
 from loom.protocol.tunnel import data_frame, eof_frame
+from support.nats import NATS_URL, needs_nats
 
-NATS_URL = "nats://127.0.0.1:4222"
-
-
-def _nats_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 4222), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(
-    not _nats_up(), reason="no NATS server on 127.0.0.1:4222 (start nats-server)"
-)
+pytestmark = needs_nats
 
 
 class AgentSocket:
