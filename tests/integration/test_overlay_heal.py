@@ -262,6 +262,9 @@ def test_cut_worker_is_replaced_and_the_job_keeps_going(
     # namespace and Nebula behind. Agents that stopped on SIGTERM must leave nothing.
     hung = {str(a.args[a.args.index("--name") + 1]) for a in killed}
     if hung:
+        for name in sorted(hung):  # its log ends with its task and thread stacks
+            log_tail = (tmp_path / name / "agent.log").read_text(errors="replace")[-20000:]
+            print(f"--- log of the hung agent {name} (tail) ---\n{log_tail}")
         warnings.warn(f"agents {sorted(hung)} hung and were SIGKILLed; left {left}", stacklevel=1)
         theirs = member_tags([(tmp_path / name, name) for name in hung])
         for x in left:  # clean up after the hung agent, so the machine stays clean

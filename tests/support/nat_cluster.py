@@ -7,9 +7,12 @@ For tests that run a Loom cluster across NATs: the coordinator (an in-process
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -91,6 +94,10 @@ def stop_agents(
             p.wait(timeout)
         except subprocess.TimeoutExpired:
             print(f"agent {p.args!r} ignored SIGTERM for {timeout:g} s: SIGKILL")
+            for sig in (signal.SIGUSR2, signal.SIGUSR1):  # its task and thread stacks, to its log
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(sig)
+                time.sleep(1)
             p.kill()
             p.wait()
             killed.append(p)

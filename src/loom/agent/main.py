@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from loom.agent import diagnostics
 from loom.agent.backoff import Backoff
 from loom.agent.config import AgentConfig
 from loom.agent.inventory import GpuProbe, LoadSampler, collect
@@ -130,6 +131,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        diagnostics.install(loop)  # SIGUSR1/SIGUSR2: stacks to the log, for a stuck agent
 
     async def report(self, kind: str, data: dict[str, Any]) -> None:
         """Send a fact up; buffered while disconnected and sent on reconnect."""
