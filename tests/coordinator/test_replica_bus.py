@@ -144,3 +144,32 @@ async def test_a_replaced_socket_is_closed_when_the_session_moves(
     await _until(lambda: old.closed is not None)
     assert "n4" not in a.hub.connections and "n4" in a.hub.present
     assert a.replaced == 1
+
+
+async def test_frames_back_before_the_open_reply_wait_for_the_stream(
+    replicas: tuple[Replica, Replica, async_sessionmaker],  # type: ignore[type-arg]
+) -> None:
+    """The holder's agent answers OPENED before the open's reply reaches the user's
+    replica (another subject, another subscription task): the frame is held until the
+    opener has its stream id, never dropped as a frame for an unknown stream."""
+    a, b, _ = replicas
+    registered: set[int] = set()
+    heard: list[tuple[bytes, bool]] = []
+
+    async def serve_open(node_id: str, host: str, port: int, origin: str) -> int:
+        await b.tunnels.back(origin, node_id, b"opened-7")  # before the reply, on purpose
+        await b.link.nc.flush()
+        await asyncio.sleep(0.05)  # the frame is at A before the reply is even sent
+        return 7
+
+    async def on_back(node_id: str, _origin: str, frame: bytes) -> None:
+        heard.append((frame, 7 in registered))
+
+    b.tunnels.on_open = serve_open
+    a.tunnels.on_back = on_back
+    stream = await a.tunnels.open(b.replica_id, "n9", "127.0.0.1", 1, timeout=5)
+    registered.add(stream)  # what RemoteLink.open does as soon as open returns
+    await _until(lambda: heard)
+    await b.tunnels.back(a.replica_id, "n9", b"data-7")
+    await _until(lambda: len(heard) == 2)
+    assert heard == [(b"opened-7", True), (b"data-7", True)]

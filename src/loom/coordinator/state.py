@@ -19,6 +19,31 @@ from loom.coordinator.services.ledger_sequencer import Sequencer
 log = logging.getLogger(__name__)
 
 
+class Wake(asyncio.Event):
+    """An :class:`asyncio.Event` that also tells ``hooks`` when it is set here.
+
+    ``set()`` is a wake-up raised by this process (the API wrote a row, healing marked a
+    member lost): the hooks pass it on (with replicas, to the other replicas' reconcilers
+    over the bus). ``wake()`` is a wake-up heard from elsewhere: it sets the event only,
+    so a wake never echoes back.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hooks: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        super().set()
+        for hook in list(self.hooks):
+            try:
+                hook()
+            except Exception:  # a broken hook must not break the API request that woke us
+                log.exception("wake hook failed")
+
+    def wake(self) -> None:
+        super().set()
+
+
 @dataclass
 class CoordinatorState:
     settings: Settings
@@ -30,8 +55,9 @@ class CoordinatorState:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     background: set[asyncio.Task[None]] = field(default_factory=set)
     #: Set to wake the cluster reconciler (loops/clusters.py) at once: the API after it
-    #: wrote a cluster row, healing after it marked a member lost, the bus for other replicas.
-    clusters_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: wrote a cluster row, healing after it marked a member lost; with replicas its wakes
+    #: reach the other replicas' reconcilers over the bus (``loops.clusters.wire_wake``).
+    clusters_wake: Wake = field(default_factory=Wake)
     #: One heartbeat flush at a time (the flusher loop and the watchdog both flush).
     flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: At most this many handshakes write to the database at once.

@@ -18,6 +18,11 @@ guarded apply (``ClusterWork.apply``); a replica that stalled past its lease's e
 its results dropped, and the replica that took over resumes from the durable progress in
 the member rows (a member already `ready` is not started again; one left `starting` is
 asked again, which the agent treats as a no-op).
+
+With replicas a wake crosses the bus (``wire_wake``): the replica that wrote the row tells
+the others' reconcilers (signal ``clusters.wake`` on ``loom.events.clusters.wake``), so a
+cluster whose lease another replica holds or can claim is taken up at once, not on that
+replica's next tick.
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ from typing import cast
 from sqlalchemy import ColumnElement, Table, and_, or_, select
 
 from loom.coordinator import leases
+from loom.coordinator.bus import BUS_KEY
 from loom.coordinator.db.engine import is_sqlite
 from loom.coordinator.db.models import Cluster, Device
 from loom.coordinator.loops import cluster_heal, cluster_provision
 from loom.coordinator.loops.cluster_work import CLUSTERS, ClusterWork
 from loom.coordinator.loops.isolation import isolated
 from loom.coordinator.metrics import count_loop_item_error
+from loom.coordinator.replicas.bus import CLUSTERS_WAKE, NatsBus
 from loom.coordinator.services import clusters as cluster_service
 from loom.coordinator.state import CoordinatorState
 from loom.core.models import ClusterState
@@ -287,8 +294,39 @@ async def wait_ended(
         await asyncio.sleep(poll_s)
 
 
-def spawn(state: CoordinatorState, loop: ClusterLoop, interval_s: float) -> None:
-    """Run the reconciler: a tick every `interval_s`, or at once when woken."""
+def wire_wake(state: CoordinatorState, bus: NatsBus) -> Callable[[], None]:
+    """Pass this replica's wakes to the other replicas' reconcilers and theirs to ours;
+    returns the function that undoes it."""
+
+    def tell() -> None:
+        bus.signal(CLUSTERS_WAKE)
+
+    state.clusters_wake.hooks.append(tell)
+    stop_hearing = bus.on_signal(CLUSTERS_WAKE, state.clusters_wake.wake)
+
+    def unwire() -> None:
+        with contextlib.suppress(ValueError):
+            state.clusters_wake.hooks.remove(tell)
+        with contextlib.suppress(ValueError):
+            stop_hearing()
+
+    return unwire
+
+
+def replica_bus(state: CoordinatorState) -> NatsBus | None:
+    """The NATS bus the app factory configured the session factory with, if replicated."""
+    info = state.sessions.kw.get("info") or {}
+    bus = info.get(BUS_KEY)
+    return bus if isinstance(bus, NatsBus) else None
+
+
+def spawn(
+    state: CoordinatorState, loop: ClusterLoop, interval_s: float
+) -> Callable[[], None] | None:
+    """Run the reconciler: a tick every `interval_s`, or at once when woken (with
+    replicas, by any replica: ``wire_wake``, whose undo is returned)."""
+    bus = replica_bus(state)
+    unwire = wire_wake(state, bus) if bus is not None else None
 
     async def runner() -> None:
         while True:
@@ -303,3 +341,4 @@ def spawn(state: CoordinatorState, loop: ClusterLoop, interval_s: float) -> None
             state.clusters_wake.clear()
 
     state.tasks.append(asyncio.create_task(runner(), name="clusters"))
+    return unwire

@@ -6,6 +6,10 @@ Same interface as the in-process :class:`~loom.coordinator.bus.EventBus` (it is 
 subscribers. Events name what changed, never the values (``loom.protocol.events``), so a
 late or duplicated event costs a re-read, and a lost one (the link was down) is repaired by
 the index's resync, which the link's reconnect hook runs at once.
+
+Besides events, the bus carries *signals*: a name and nothing else, on
+``loom.events.<name>`` (``clusters.wake``: "a cluster has work; reconcilers, look now").
+A lost signal costs the listener's next poll.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ log = logging.getLogger(__name__)
 SUBJECT_PREFIX = "loom.events."
 #: Events waiting for the link; beyond this the oldest are dropped (resync repairs).
 MAX_QUEUED = 100_000
+#: The signal that wakes every replica's cluster reconciler (``loops.clusters.wire_wake``).
+CLUSTERS_WAKE = "clusters.wake"
+#: Signals known to every replica (one nobody listens to here is dropped, not misread).
+SIGNALS = frozenset({CLUSTERS_WAKE})
 
 
 def subject_for(event: Event) -> str:
@@ -45,6 +53,8 @@ class NatsBus(EventBus):
         self._queue: asyncio.Queue[tuple[str, bytes]] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._sub: Subscription | None = None
+        self._signals: dict[str, list[Callable[[], None]]] = {}
+        self.signals_received = 0
 
     async def start(self) -> None:
         """Subscribe to the other replicas' events and start sending ours (after
@@ -75,6 +85,22 @@ class NatsBus(EventBus):
         except asyncio.QueueFull:
             self.dropped += 1
 
+    def signal(self, name: str) -> None:
+        """Tell the other replicas' listeners of ``name`` (not this replica's: its own
+        code raised it and acts on it directly)."""
+        if self._queue is None:
+            return
+        try:
+            self._queue.put_nowait((SUBJECT_PREFIX + name, b""))
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    def on_signal(self, name: str, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call ``fn`` whenever another replica signals ``name``; returns the remover."""
+        listeners = self._signals.setdefault(name, [])
+        listeners.append(fn)
+        return lambda: listeners.remove(fn)
+
     async def _send_loop(self) -> None:
         assert self._queue is not None
         while True:
@@ -86,6 +112,15 @@ class NatsBus(EventBus):
                 log.debug("event not sent (%s): %s", subject, exc)
 
     async def _on_message(self, msg: Msg) -> None:
+        name = msg.subject.removeprefix(SUBJECT_PREFIX)
+        if name in SIGNALS or name in self._signals:
+            self.signals_received += 1
+            for listener in list(self._signals.get(name, ())):
+                try:
+                    listener()
+                except Exception:
+                    log.exception("signal listener failed on %s", msg.subject)
+            return
         try:
             event = parse_event(msg.data)
         except ValidationError:

@@ -14,10 +14,16 @@ Frames are the agent protocol's own (``loom.protocol.tunnel``), unchanged: the c
 windows work end to end between the user's replica and the agent, so the holder in the
 middle never buffers more than NATS does. NATS keeps one publisher's order on a subject
 and a subscription's callbacks run one at a time, so the frames of a stream stay in order.
+
+The open's reply and the stream's first frames travel on different subjects, so the
+agent's OPENED may be heard before the reply that names its stream (each subscription
+has its own task). While an open to a node is in flight, the frames coming back from that
+node are held, and handed on in order once the opener has registered its stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -57,6 +63,11 @@ class TunnelBus:
         self.frames_out = 0
         self.frames_in = 0
         self._subs: list[Subscription] = []
+        #: Opens in flight per node, and the frames back from it held meanwhile.
+        self._opening: dict[str, int] = {}
+        self._held: dict[str, list[bytes]] = {}
+        self._releasing: set[asyncio.Task[None]] = set()
+        self._draining: set[str] = set()
 
     async def start(self) -> None:
         me = self.link.replica_id
@@ -79,6 +90,7 @@ class TunnelBus:
 
     async def open(self, holder: str, node_id: str, host: str, port: int, timeout: float) -> int:
         body = {"node": node_id, "host": host, "port": port, "origin": self.link.replica_id}
+        self._opening[node_id] = self._opening.get(node_id, 0) + 1
         try:
             msg = await self.link.nc.request(
                 _subject(holder, "open"), json.dumps(body).encode(), timeout=timeout
@@ -91,6 +103,8 @@ class TunnelBus:
             raise RemoteOpenRefused(
                 "head_unreachable", f"the replica holding the head's agent did not answer: {exc}"
             ) from None
+        finally:
+            self._opened(node_id)
         try:
             reply = json.loads(msg.data)
             if "stream" in reply:
@@ -99,6 +113,31 @@ class TunnelBus:
         except (ValueError, KeyError, TypeError):
             code, message = "head_unreachable", "unreadable answer from the head's replica"
         raise RemoteOpenRefused(code, message, busy=code == "tunnel_busy")
+
+    def _opened(self, node_id: str) -> None:
+        """An open to ``node_id`` got its answer: release what was held once the caller
+        (which resumes first, in this same step) has registered its stream."""
+        left = self._opening.get(node_id, 1) - 1
+        if left > 0:
+            self._opening[node_id] = left
+            return
+        self._opening.pop(node_id, None)
+        if node_id in self._held and node_id not in self._draining:
+            self._draining.add(node_id)
+            task = asyncio.create_task(self._release(node_id))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, node_id: str) -> None:
+        try:
+            held = self._held.get(node_id)
+            while held:
+                await self._deliver_back(node_id, held.pop(0))
+        finally:
+            self._draining.discard(node_id)
+        # New frames were appended meanwhile; an open begun since keeps holding them.
+        if not self._opening.get(node_id):
+            self._held.pop(node_id, None)
 
     async def to_agent(self, holder: str, node_id: str, frame: bytes) -> None:
         self.frames_out += 1
@@ -143,9 +182,22 @@ class TunnelBus:
 
     async def _serve_back(self, msg: Msg) -> None:
         headers = msg.headers or {}
-        if self.on_back is not None and "node" in headers:
-            self.frames_in += 1
-            try:
-                await self.on_back(headers["node"], "", msg.data)
-            except Exception:
-                log.exception("a tunnel frame from node %s failed", headers["node"])
+        if "node" not in headers:
+            return
+        node_id = headers["node"]
+        self.frames_in += 1
+        held = self._held.get(node_id)
+        if held is not None:
+            held.append(msg.data)
+        elif self._opening.get(node_id):
+            self._held[node_id] = [msg.data]
+        else:
+            await self._deliver_back(node_id, msg.data)
+
+    async def _deliver_back(self, node_id: str, frame: bytes) -> None:
+        if self.on_back is None:
+            return
+        try:
+            await self.on_back(node_id, "", frame)
+        except Exception:
+            log.exception("a tunnel frame from node %s failed", node_id)
