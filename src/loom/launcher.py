@@ -7,6 +7,7 @@ Ctrl-C (or SIGTERM) stops everything: agents drain first, then the coordinator.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -20,10 +21,18 @@ from typing import Annotated
 
 import typer
 
-from loom.client.cli.common import EXIT_API, console, fail
+from loom.client.cli.common import EXIT_API, EXIT_UNREACHABLE, console, fail
 from loom.client.cli.nodes import nodes_table
 from loom.client.config import ClientConfig
 from loom.client.sdk import LoomClient, LoomError
+from loom.coordinator.replicas.link import (
+    CREDS_ENV,
+    BusAuthFailed,
+    BusConfigError,
+    BusUnavailable,
+    NatsLink,
+    redact,
+)
 from loom.demo import run_demo
 from loom.protocol.keystore import loom_home
 
@@ -74,6 +83,8 @@ class LocalNetwork:
     #: Coordinator replicas (> 1 needs PostgreSQL in ``db_url`` and NATS at ``bus_url``).
     replicas: int = 1
     bus_url: str = DEFAULT_BUS
+    #: A file with the bus credentials (``coordinator serve --bus-creds``), or "".
+    bus_creds: str = ""
     coordinator: subprocess.Popen[bytes] | None = None
     replica_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     replica_ports: list[int] = field(default_factory=list)
@@ -96,7 +107,7 @@ class LocalNetwork:
         return ",".join(urls[k:] + urls[:k])
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in ("LOOM_BUS", CREDS_ENV)}
         env["LOOM_HOME"] = str(self.home)
         env["LOOM_COORDINATOR"] = self.url
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -122,11 +133,16 @@ class LocalNetwork:
                 free_port(self.host) for _ in range(1, self.replicas)
             ]
             for i, port in enumerate(self.replica_ports):
-                cmd = [*self._serve_cmd(port), "--bus", self.bus_url, "--replica-id", f"r{i + 1}"]
+                cmd = [*self._serve_cmd(port), "--replica-id", f"r{i + 1}"]
+                # The bus URL (it may hold a password) and the credentials file go in the
+                # environment, not on command lines every local user can read.
+                env = self._env() | {"LOOM_BUS": self.bus_url}
+                if self.bus_creds:
+                    env[CREDS_ENV] = self.bus_creds
                 self.replica_procs.append(
                     subprocess.Popen(
                         cmd,
-                        env=self._env(),
+                        env=env,
                         stdout=open(logs / f"coordinator-r{i + 1}.log", "ab"),
                         stderr=subprocess.STDOUT,
                     )
@@ -223,6 +239,18 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
             proc.wait()
 
 
+def check_bus(bus: str, creds: str) -> None:
+    """Reach the bus once before starting anything: a wrong URL or credential is one line."""
+    if not bus.startswith(("nats://", "tls://")):
+        fail(f"--bus must be nats://HOST:PORT, got {redact(bus)!r}")
+    try:
+        asyncio.run(NatsLink(bus, "up", creds).probe())
+    except (BusAuthFailed, BusConfigError) as exc:
+        fail(str(exc))
+    except BusUnavailable as exc:
+        fail(str(exc), EXIT_UNREACHABLE)
+
+
 def default_runtime() -> str:
     return "bwrap" if shutil.which("bwrap") else "process"
 
@@ -244,8 +272,19 @@ def up(
         typer.Option(help="the coordinators' database (default: SQLite under $LOOM_HOME)"),
     ] = None,
     bus: Annotated[
-        str, typer.Option(help="the NATS server between replicas (with --replicas > 1)")
+        str,
+        typer.Option(
+            envvar="LOOM_BUS",
+            help="the NATS server between replicas (with --replicas > 1; "
+            "nats://USER:PASS@HOST:PORT or nats://TOKEN@HOST:PORT if it wants credentials)",
+        ),
     ] = DEFAULT_BUS,
+    bus_creds: Annotated[
+        str,
+        typer.Option(
+            envvar=CREDS_ENV, help="file with the bus credentials (USER:PASS, TOKEN or .creds)"
+        ),
+    ] = "",
 ) -> None:
     """Start the embedded network: a coordinator and local agents, until Ctrl-C.
 
@@ -257,6 +296,8 @@ def up(
         fail("--replicas must be between 1 and 9")
     if replicas > 1 and not (db or "").startswith("postgresql"):
         fail("--replicas > 1 share one PostgreSQL database: pass --db postgresql://USER@HOST/DB")
+    if replicas > 1:
+        check_bus(bus, bus_creds)
     home = loom_home()
     home.mkdir(parents=True, exist_ok=True)
     host = "127.0.0.1"
@@ -266,7 +307,7 @@ def up(
         port = new_port
     net = LocalNetwork(
         home=home, port=port, agents=agents, runtime=runtime or default_runtime(), db_url=db,
-        replicas=replicas, bus_url=bus,
+        replicas=replicas, bus_url=bus, bus_creds=bus_creds,
     )  # fmt: skip
     interrupted = False
 
@@ -285,7 +326,7 @@ def up(
             console.print(nodes_table(client.nodes()))
             console.print(f"explorer: [bold]{net.url}/[/]   API docs: {net.url}/docs")
             if replicas > 1:
-                console.print(f"replicas: {', '.join(net.urls)} (bus {bus})")
+                console.print(f"replicas: {', '.join(net.urls)} (bus {redact(bus)})")
             console.print(
                 f"use it from another terminal: [bold]export LOOM_COORDINATOR={net.url}[/]"
             )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +17,14 @@ from loom.coordinator.config import Settings, default_db_url
 from loom.coordinator.db.engine import DatabaseURLError, normalize_url
 from loom.coordinator.overlay.authority import OverlayConfigError
 from loom.coordinator.overlay.service import check_overlay
+from loom.coordinator.replicas.link import (
+    CREDS_ENV,
+    BusAuthFailed,
+    BusConfigError,
+    BusUnavailable,
+    NatsLink,
+    redact,
+)
 from loom.protocol.keystore import loom_home
 from loom.protocol.messages import MAX_FRAME_BYTES
 
@@ -73,8 +83,18 @@ def serve(
     bus: Annotated[
         str,
         typer.Option(
-            help="nats://HOST:PORT[,…] of the NATS bus between coordinator replicas "
-            "(needs --db postgresql://…; '' = a single coordinator)"
+            envvar="LOOM_BUS",
+            help="nats://[USER:PASS@|TOKEN@]HOST:PORT[,…] of the NATS bus between coordinator "
+            "replicas (needs --db postgresql://…; '' = a single coordinator). With a secret, "
+            "prefer $LOOM_BUS or --bus-creds: a command line is visible to every local user",
+        ),
+    ] = "",
+    bus_creds: Annotated[
+        str,
+        typer.Option(
+            envvar=CREDS_ENV,
+            help="file with the bus credentials: one line USER:PASS or TOKEN, or a NATS "
+            ".creds file (chmod 600)",
         ),
     ] = "",
     replica_id: Annotated[
@@ -92,7 +112,10 @@ def serve(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if bus and not bus.startswith(("nats://", "tls://")):
-        typer.echo(f"error: --bus must be nats://HOST:PORT, got {bus!r}", err=True)
+        typer.echo(f"error: --bus must be nats://HOST:PORT, got {redact(bus)!r}", err=True)
+        raise typer.Exit(2)
+    if bus_creds and not bus:
+        typer.echo("error: --bus-creds needs --bus", err=True)
         raise typer.Exit(2)
     if bus and url.startswith("sqlite"):
         typer.echo(
@@ -110,6 +133,8 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if bus:
+        check_bus(bus, bus_creds, replica_id or "check")
     settings = Settings(
         db_url=url,
         host=host,
@@ -124,9 +149,12 @@ def serve(
         overlay_network=overlay_network,
         overlay_cert_lifetime_s=overlay_cert_lifetime,
         bus_url=bus,
+        bus_creds=bus_creds,
     )
     if replica_id:
         settings.replica_id = replica_id
+    if bus_creds:  # the replica's link reads it from here (the app builds the link)
+        os.environ[CREDS_ENV] = bus_creds
     try:
         check_overlay(settings)
     except OverlayConfigError as exc:
@@ -144,3 +172,16 @@ def serve(
         ws_ping_timeout=20,
         access_log=False,
     )
+
+
+def check_bus(bus: str, creds: str, replica_id: str) -> None:
+    """Connect to the bus once before serving: a wrong credential (exit 2) or an
+    unreachable server (exit 3) is one line, never a traceback nor a secret."""
+    try:
+        asyncio.run(NatsLink(bus, replica_id, creds).probe())
+    except (BusAuthFailed, BusConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except BusUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(3) from None

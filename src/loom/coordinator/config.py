@@ -60,8 +60,11 @@ class Settings:
     #: Warn in a cluster's status when its escrow pays for less than this.
     escrow_warn_s: float = 900.0
     #: The bus between coordinator replicas: nats://HOST:PORT[,…] ("" = one process, the
-    #: in-process bus; loom.coordinator.replicas).
-    bus_url: str = ""
+    #: in-process bus; loom.coordinator.replicas). May hold a password: kept out of repr.
+    bus_url: str = field(default="", repr=False)
+    #: A file with the bus credentials (USER:PASS, TOKEN or a NATS .creds file; "" = none
+    #: or in ``bus_url``; loom.coordinator.replicas.link). Never logged, nor its contents.
+    bus_creds: str = ""
     #: This replica's name: the owner written on the leases it holds (loom.coordinator.leases).
     replica_id: str = field(default_factory=default_replica_id)
     #: How long a replica's lease on a cluster lasts without renewal (renewed every third

@@ -48,12 +48,14 @@ class Replica:
         hub: AgentHub,
         sessions_factory: async_sessionmaker[AsyncSession],
         heartbeat_timeout_s: float,
+        bus_creds: str | None = None,
     ) -> None:
         self.replica_id = replica_id
         self.hub = hub
         self.sessions_factory = sessions_factory
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.link = NatsLink(bus_url, replica_id)
+        # bus_creds None: the link reads $LOOM_BUS_CREDS (what `serve --bus-creds` sets).
+        self.link = NatsLink(bus_url, replica_id, bus_creds)
         self.bus = NatsBus(self.link)
         self.responder = CommandResponder(self.link, hub)
         self.agents = RoutedAgentClient(hub, self.link, self._session)
