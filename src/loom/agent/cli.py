@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
 import ipaddress
 import json
 import logging
 import os
 import socket
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -135,7 +140,52 @@ def start(
         raise _fail(str(exc)) from None
 
 
+#: How long a drained agent waits for its worker threads before it exits without them.
+EXIT_GRACE_S = 10.0
+
+
 async def _run(agent: Agent, sandbox: Runtime, config: AgentConfig) -> None:
+    # Our own default executor, so that the drained agent can bound its wait for it.
+    executor = ThreadPoolExecutor(thread_name_prefix="loom-agent")
+    asyncio.get_running_loop().set_default_executor(executor)
+    try:
+        await _serve(agent, sandbox, config)
+    finally:
+        await _stop_threads(executor, EXIT_GRACE_S)
+
+
+async def _stop_threads(executor: ThreadPoolExecutor, grace: float) -> None:
+    """Shut the worker threads down, waiting at most ``grace`` seconds. Called once the
+    agent has drained (members stopped, namespaces removed); a thread that is still busy
+    then must not keep the process alive after SIGTERM (``asyncio.run`` would join it
+    for ever), so the agent writes every thread's stack to its log and exits."""
+    loop = asyncio.get_running_loop()
+    stopped: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not stopped.done():
+            stopped.set_result(None)
+
+    def close() -> None:
+        executor.shutdown(wait=True)
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            loop.call_soon_threadsafe(settle)
+
+    threading.Thread(target=close, name="loom-agent-exit", daemon=True).start()
+    await asyncio.wait({stopped}, timeout=grace)
+    if not stopped.done():
+        logging.getLogger(__name__).warning(
+            "a worker thread is still busy %g s after the drain; exiting without it "
+            "(every thread's stack follows)",
+            grace,
+        )
+        faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+async def _serve(agent: Agent, sandbox: Runtime, config: AgentConfig) -> None:
     agent.install_signal_handlers()
     base = config.work_dir / "members"
     network = NetnsConfig(address_range=config.member_network, egress=config.egress)
@@ -150,7 +200,9 @@ async def _run(agent: Agent, sandbox: Runtime, config: AgentConfig) -> None:
     if leftovers:
         logging.getLogger(__name__).info("removed leftovers of earlier members: %s", leftovers)
     agent.handlers.update(members.handlers())
-    agent.handlers.update(ChallengeHandler(agent).handlers())
+    challenges = ChallengeHandler(agent)
+    agent.handlers.update(challenges.handlers())
+    agent.on_drain.append(challenges.abort_all)
     agent.on_drain.append(members.stop_all)
     supplier = SupplierLog(config.coordinator.split(",")[0].strip(), config.name, config.work_dir)
     agent.on_connected.append(supplier.connected)

@@ -25,9 +25,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loom.agent.main import Agent, Handler, handler, handlers
-from loom.agent.prover import NumpyProver, Prover, ProverError, Signer, TorchProver
+from loom.agent.prover import (
+    NumpyProver,
+    Prover,
+    ProverCancelled,
+    ProverError,
+    Signer,
+    TorchProver,
+)
 from loom.agent.prover import cuda_available as _cuda_available
-from loom.core.challenge import ChallengeSpec, OpeningsResponse
+from loom.core.challenge import ChallengeSpec, OpeningsResponse, RootCommit
 from loom.protocol.commands import (
     ChallengeAbort,
     ChallengeAborted,
@@ -44,6 +51,8 @@ ProverFactory = Callable[[ChallengeSpec, Signer], Prover]
 
 #: How long a finished challenge waits for its openings before it is dropped.
 OPENINGS_GRACE_S = 300.0
+#: How long a dropped challenge waits for its round in progress to stop.
+CANCEL_WAIT_S = 5.0
 
 
 @dataclass
@@ -123,6 +132,15 @@ class ChallengeHandler:
     async def abort(self, cmd: ChallengeAbort) -> ChallengeAborted:
         return ChallengeAborted(dropped=self._drop(cmd.challenge_id))
 
+    async def abort_all(self) -> None:
+        """Drop every challenge and wait for rounds in progress to stop (the agent is
+        draining: nothing may keep a worker thread, and the CPU, busy after it)."""
+        tasks = [run.task for run in self._runs.values() if run.task is not None]
+        for cid in list(self._runs):
+            self._drop(cid)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     # ------------------------------------------------------------------ internals
     def _prover_for(self, spec: ChallengeSpec) -> Prover:
         node_id = self.agent.node_id
@@ -162,16 +180,33 @@ class ChallengeHandler:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(run.wake.wait(), remaining)
                     continue
-                commit = await asyncio.to_thread(prover.compute_round, prover.next_round)
+                commit = await self._compute(prover)
                 await self.agent.report("challenge.commit", commit.model_dump(mode="json"))
             # Keep the commitments for the openings, then forget them.
             await asyncio.sleep(OPENINGS_GRACE_S)
             self._drop(cid)
         except asyncio.CancelledError:
             raise
+        except ProverCancelled:
+            log.info("challenge %s: dropped mid-round", cid.hex()[:12])
         except Exception:
             log.exception("challenge %s failed on this agent", cid.hex()[:12])
             self._drop(cid)
+
+    @staticmethod
+    async def _compute(prover: Prover) -> RootCommit:
+        """One round in a worker thread. Cancelled (the challenge dropped), the round stops
+        at its next block boundary and this waits for that (bounded), so a dropped or
+        draining challenge leaves no thread computing behind it."""
+        fut = asyncio.ensure_future(asyncio.to_thread(prover.compute_round, prover.next_round))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            prover.cancel()
+            await asyncio.wait({fut}, timeout=CANCEL_WAIT_S)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: ProverCancelled, or a round that just finished
+            raise
 
     def _drop(self, cid: bytes) -> bool:
         run = self._runs.pop(cid, None)

@@ -19,7 +19,7 @@ or guard them with a lock if the compute thread and the receive loop differ.
 
 from __future__ import annotations
 
-from loom.agent.prover.base import Prover, ProverError, Signer
+from loom.agent.prover.base import Prover, ProverCancelled, ProverError, Signer
 from loom.agent.prover.numpy_prover import NumpyProver
 from loom.agent.prover.torch_prover import TorchProver, cuda_available, torch_available
 from loom.core.challenge.messages import ChallengeSpec
@@ -35,6 +35,7 @@ def make_prover(spec: ChallengeSpec, sign: Signer, *, prefer_gpu: bool = True) -
 __all__ = [
     "NumpyProver",
     "Prover",
+    "ProverCancelled",
     "ProverError",
     "Signer",
     "TorchProver",

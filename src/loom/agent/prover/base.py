@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -26,6 +27,10 @@ class ProverError(RuntimeError):
     """The prover was asked for something it cannot give (unknown round, wrong challenge)."""
 
 
+class ProverCancelled(ProverError):
+    """The challenge was dropped (aborted, replaced, or the agent is stopping) mid-round."""
+
+
 class Prover(ABC):
     """Common bookkeeping; subclasses only compute one round's tile digests."""
 
@@ -41,6 +46,10 @@ class Prover(ABC):
         self._digests: dict[int, DigestArray] = {}
         self._trees: dict[int, MerkleTree] = {}
         self._next_round = 0
+        # Set from the event loop's thread, read by the computing thread between blocks:
+        # a dropped challenge stops burning the supplier's CPU/GPU, and a stopping agent
+        # never waits for a round it no longer wants.
+        self._cancelled = threading.Event()
 
     # ------------------------------------------------------------------ nonces
     def add_start(self, start: ChallengeStart) -> None:
@@ -84,7 +93,9 @@ class Prover(ABC):
         if nonce is None:
             raise ProverError(f"no nonce yet for round {round_index}")
         rseed = round_seed(self.spec.challenge_id, self.spec.seed0, round_index, nonce)
+        self.check_cancelled()
         digests = self.round_digests(rseed, round_index)
+        self.check_cancelled()
         expected = (self.params.tile_rows, self.params.tile_cols, 2)
         if digests.shape != expected:
             raise ProverError(f"backend returned digests of shape {digests.shape}, not {expected}")
@@ -129,7 +140,24 @@ class Prover(ABC):
             openings=[self.open(q.round, q.tile_row, q.tile_col) for q in request.openings],
         )
 
+    def cancel(self) -> None:
+        """Stop computing: a round in progress raises :class:`ProverCancelled` at its next
+        block boundary (thread-safe; idempotent)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`ProverCancelled` once :meth:`cancel` was called; backends call it
+        between blocks of a round."""
+        if self._cancelled.is_set():
+            raise ProverCancelled(f"challenge {self.spec.challenge_id.hex()[:12]} was dropped")
+
     def discard(self) -> None:
-        """Free the stored digests and trees (≈ 8 MB per round at H100 sizes)."""
+        """Cancel any round in progress and free the stored digests and trees (≈ 8 MB per
+        round at H100 sizes)."""
+        self.cancel()
         self._digests.clear()
         self._trees.clear()

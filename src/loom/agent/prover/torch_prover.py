@@ -144,8 +144,10 @@ class TorchProver(Prover):
         p = self.params
         a = gen_int8_torch(rseed, MAT_A, 0, p.m, p.k, self.device)
         bt = gen_int8_torch(rseed, MAT_B, 0, p.n, p.k, self.device)
+        self.check_cancelled()
         c = self._product(a, bt)
         del a, bt
+        self.check_cancelled()
         digests = digests_torch(c, round_index, p.tile)
         del c
         if self.self_check and round_index == 0:
