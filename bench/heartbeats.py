@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python bench/heartbeats.py [--agents 1000 10000] [--rate 5000] [--duration 20]
      [--warmup 5] [--db sqlite|postgresql://postgres@127.0.0.1:5432/test] [--profile DIR]
-     [--compare REV [--repeat K]] [--record]
+     [--compare REV [--repeat K]] [--replicas K [--bus nats://127.0.0.1:4222]] [--record]
 
 For each N in --agents: start a fresh coordinator (`python -m loom coordinator serve`, its own
 temporary LOOM_HOME; SQLite in that directory, or a fresh PostgreSQL schema made and dropped
@@ -24,6 +24,12 @@ Client settings mirror `loom worker start` (ping_interval=20, no permessage-defl
 fleet is bench/heartbeats_fleet.py. Both processes are on the same machine, so on 2 cores the
 client's own CPU competes with the coordinator's and its event-loop lag is part of the
 measured round trip (reported apart).
+
+``--replicas K`` (PostgreSQL only) starts K coordinators as replicas of one network (one
+schema, ``--bus`` NATS, ``--replica-id r1…rK``) and spreads the agents round-robin over
+them: acks/s, round trips and coordinator CPU are summed over the replicas. During
+registration the bench also prints how many cores the coordinators, this client and
+everything else (the database, other users of the machine) used.
 
 ``--compare REV`` measures before/after in one run: the coordinator of git revision REV (a
 temporary worktree, ``PYTHONPATH`` its ``src``) and the working tree's, alternating, each
@@ -88,6 +94,11 @@ def system_busy() -> tuple[float, float]:
     idle = fields[3] + fields[4]
     hz = os.sysconf("SC_CLK_TCK")
     return (sum(fields) - idle) / hz, sum(fields) / hz
+
+
+def cpu_all(procs: list[subprocess.Popen[bytes]]) -> float:
+    """CPU seconds of all the coordinator processes (replicas summed)."""
+    return sum(cpu_seconds(p.pid) for p in procs)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -189,6 +200,8 @@ class Result:
     profile_top: list[str] = field(default_factory=list)
     code: str = "current"
     handshake_cpu_ms: float = 0.0
+    registration_cpu: str = ""
+    replicas: int = 1
 
 
 async def wait_healthy(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -256,45 +269,55 @@ class Code:
 async def run_one(n: int, args: argparse.Namespace, code: Code) -> Result:
     result = Result(agents=n, rate=args.rate, db="postgresql" if args.db != "sqlite" else "sqlite")
     result.code = code.label
+    result.replicas = args.replicas
     tmp = Path(tempfile.mkdtemp(prefix="loom-bench-hb-"))
     db = Db(args.db, tmp)
     await db.create()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "LOOM_HOME": str(tmp / "home")}
-    env["PYTHONPATH"] = str(code.root / "src")  # this code, not whatever is installed
-    log = tmp / "coordinator.log"
+    k = args.replicas
+    ports = [free_port() for _ in range(k)]
+    bases = [f"http://127.0.0.1:{port}" for port in ports]
+    logs = [tmp / ("coordinator.log" if k == 1 else f"coordinator-r{i + 1}.log") for i in range(k)]
     prof = (
         Path(args.profile) / f"coordinator-{n}-{result.db}-{code.label}.prof"
         if args.profile
         else None
     )
-    cmd = [sys.executable]
-    if prof is not None:
-        prof.parent.mkdir(parents=True, exist_ok=True)
-        cmd += ["-c", PROFILED.format(out=str(prof))]
-    else:
-        cmd += ["-m", "loom"]
-    cmd += ["coordinator", "serve", "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--db", db.coordinator_url(), "--log-level", "warning"]
-    proc = start_coordinator(cmd, env, log, code.root)
+    procs: list[subprocess.Popen[bytes]] = []
+    for i, port in enumerate(ports):
+        env = {**os.environ, "LOOM_HOME": str(tmp / f"home-{i}")}
+        env["PYTHONPATH"] = str(code.root / "src")  # this code, not whatever is installed
+        cmd = [sys.executable]
+        if prof is not None and i == 0:  # with replicas, the first one is profiled
+            prof.parent.mkdir(parents=True, exist_ok=True)
+            cmd += ["-c", PROFILED.format(out=str(prof))]
+        else:
+            cmd += ["-m", "loom"]
+        cmd += ["coordinator", "serve", "--host", "127.0.0.1"]
+        cmd += ["--port", str(port), "--db", db.coordinator_url(), "--log-level", "warning"]
+        if k > 1:  # replicas of one network: one PostgreSQL schema, NATS between them
+            cmd += ["--bus", args.bus, "--replica-id", f"r{i + 1}"]
+        procs.append(start_coordinator(cmd, env, logs[i], code.root))
+        if i == 0 and k > 1:  # it migrates the fresh schema: the others start after it
+            await wait_healthy(bases[0], procs[0], logs[0])
+    proc = procs[0]
     stats = Stats()
     beater = Beater(stats)
     agents: list[Agent] = []
     receivers: list[asyncio.Task[None]] = []
     try:
-        await wait_healthy(base, proc, log)
+        for base, one, log in zip(bases, procs, logs, strict=True):
+            await wait_healthy(base, one, log)
         owners = [KeyPair.generate() for _ in range(max(1, n // 100))]
         for i in range(n):
             node, owner = KeyPair.generate(), owners[i % len(owners)]
             binding = owner.sign(binding_message(node.public_hex)).hex()
             agents.append(Agent(node=node, owner=owner, binding_sig=binding))
-        url = base.replace("http://", "ws://") + "/v1/agent/ws"
+        urls = [base.replace("http://", "ws://") + "/v1/agent/ws" for base in bases]
         beater_task = asyncio.create_task(beater.run())
         sem = asyncio.Semaphore(args.concurrency)
         failures: collections.Counter[str] = collections.Counter()
 
-        async def join(agent: Agent) -> None:
+        async def join(agent: Agent, url: str) -> None:
             async with sem:
                 try:
                     await handshake(agent, url, stats)
@@ -305,17 +328,26 @@ async def run_one(n: int, args: argparse.Namespace, code: Code) -> Result:
             beater.agents.append(agent)
 
         t0 = time.perf_counter()
-        reg_cpu0 = cpu_seconds(proc.pid)
-        await asyncio.gather(*(join(a) for a in agents))
-        result.handshake_cpu_ms = 1000 * (cpu_seconds(proc.pid) - reg_cpu0) / max(1, n)
+        reg_cpu0, reg_client0, reg_busy0 = cpu_all(procs), time.process_time(), system_busy()[0]
+        await asyncio.gather(*(join(a, urls[i % k]) for i, a in enumerate(agents)))
+        reg_coord = cpu_all(procs) - reg_cpu0
+        result.handshake_cpu_ms = 1000 * reg_coord / max(1, n)
         result.handshake_s = time.perf_counter() - t0
+        reg_client = time.process_time() - reg_client0
+        reg_others = system_busy()[0] - reg_busy0 - reg_coord - reg_client
+        result.registration_cpu = (
+            f"during registration (cores): coordinator{'s' if k > 1 else ''} "
+            f"{reg_coord / result.handshake_s:.2f}, bench client "
+            f"{reg_client / result.handshake_s:.2f}, others (database, other users) "
+            f"{reg_others / result.handshake_s:.2f}"
+        )
         result.handshake_p50_ms = pct(stats.handshake_ms, 0.5)
         result.handshake_p99_ms = pct(stats.handshake_ms, 0.99)
         if failures:
             print(f"  handshake failures: {dict(failures)}", file=sys.stderr)
         print(
-            f"  N={n}: {len(beater.agents)} agents in {result.handshake_s:.1f} s; "
-            f"warming up at {args.rate}/s",
+            f"  N={n}: {len(beater.agents)} agents in {result.handshake_s:.1f} s "
+            f"({result.registration_cpu}); warming up at {args.rate}/s",
             file=sys.stderr,
         )
 
@@ -324,7 +356,7 @@ async def run_one(n: int, args: argparse.Namespace, code: Code) -> Result:
         start = time.perf_counter()
         stats.window = (start, start + args.duration)
         stats.tick_lag_ms.clear()
-        coord_cpu0, client0 = cpu_seconds(proc.pid), time.process_time()
+        coord_cpu0, client0 = cpu_all(procs), time.process_time()
         busy0, _ = system_busy()
         backlog: list[float] = []
         registered = len(beater.agents)
@@ -339,7 +371,7 @@ async def run_one(n: int, args: argparse.Namespace, code: Code) -> Result:
                     f"newest flushed beat {time.time() - snap['newest']:.1f} s ago",
                     file=sys.stderr,
                 )
-        result.coord_cpu = (cpu_seconds(proc.pid) - coord_cpu0) / args.duration
+        result.coord_cpu = (cpu_all(procs) - coord_cpu0) / args.duration
         result.client_cpu = (time.process_time() - client0) / args.duration
         busy1, _ = system_busy()
         result.others_cpu = (busy1 - busy0) / args.duration - result.coord_cpu - result.client_cpu
@@ -390,16 +422,19 @@ async def run_one(n: int, args: argparse.Namespace, code: Code) -> Result:
                 if prof.exists() or proc.poll() is not None:
                     break
                 await asyncio.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120 if prof is not None else 30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for one in procs:
+            one.send_signal(signal.SIGTERM)
+        for one in procs:
+            try:
+                one.wait(timeout=120 if prof is not None else 30)
+            except subprocess.TimeoutExpired:
+                one.kill()
+                one.wait()
         if prof is not None:
             result.profile_top = summarize_profile(prof)
         await db.drop()
-        errors = [ln for ln in log.read_text(errors="replace").splitlines() if "ERROR" in ln]
+        lines = [ln for log in logs for ln in log.read_text(errors="replace").splitlines()]
+        errors = [ln for ln in lines if "ERROR" in ln]
         if errors:
             print(f"  coordinator logged {len(errors)} errors, e.g.:", file=sys.stderr)
             for line in collections.Counter(ln[24:200] for ln in errors).most_common(5):
@@ -423,8 +458,9 @@ HEADER = (
 
 
 def row(r: Result) -> str:
+    code = r.code + (f" ({r.replicas} replicas)" if r.replicas > 1 else "")
     return (
-        f"| {r.code} | {r.agents:,} | {r.rate:,} | {r.achieved:,.0f} | {r.p50_ms:.1f} | "
+        f"| {code} | {r.agents:,} | {r.rate:,} | {r.achieved:,.0f} | {r.p50_ms:.1f} | "
         f"{r.p99_ms:.1f} | {r.max_ms:.0f} | {r.handshake_s:.1f} s ({r.handshake_p50_ms:.0f}/"
         f"{r.handshake_p99_ms:.0f}) | {r.handshake_cpu_ms:.2f} | {100 * r.coord_cpu:.0f} % "
         f"({r.us_per_beat:.0f}) | {100 * r.client_cpu:.0f} % | {100 * r.others_cpu:.0f} % | "
@@ -495,6 +531,7 @@ def worktree(rev: str) -> Iterator[Path]:
 def report(r: Result) -> None:
     print(row(r), flush=True)
     print(f"  {r.db_note}; sent {r.sent_rate:,.0f}/s; closes {r.closed or 'none'}", flush=True)
+    print(f"  {r.registration_cpu}", flush=True)
     for line in r.profile_top:
         print("   ", line)
 
@@ -509,6 +546,14 @@ def main() -> None:
     parser.add_argument(
         "--db", default="sqlite", help="sqlite, or postgresql://USER@HOST:PORT/DB (fresh schema)"
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="coordinator replicas (needs --db postgresql://…): agents spread round-robin, "
+        "acks and CPU summed",
+    )
+    parser.add_argument("--bus", default="nats://127.0.0.1:4222", help="NATS for --replicas")
     parser.add_argument("--profile", metavar="DIR", help="cProfile the coordinator into DIR")
     parser.add_argument("--compare", metavar="REV", help="also run git revision REV's coordinator")
     parser.add_argument("--repeat", type=int, default=1, help="runs per N (and per code)")
@@ -516,6 +561,8 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true", help="print DB samples each second")
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     args = parser.parse_args()
+    if args.replicas < 1 or (args.replicas > 1 and args.db == "sqlite"):
+        parser.error("--replicas N needs N >= 1, and --db postgresql://… when N > 1")
     hard = raise_nofile()
     if max(args.agents) + 200 > hard:
         parser.error(f"RLIMIT_NOFILE hard limit {hard} is too low for {max(args.agents)} agents")

@@ -21,6 +21,7 @@ from loom.coordinator.bus import BUS_KEY, EventBus
 from loom.coordinator.challenger import Challenger
 from loom.coordinator.config import Settings
 from loom.coordinator.confirmation import confirm_step
+from loom.coordinator.connects import ConnectBatch
 from loom.coordinator.db.engine import create_engine, migrate, session_factory
 from loom.coordinator.loops import cluster_events
 from loom.coordinator.loops import clusters as cluster_loop
@@ -36,7 +37,6 @@ from loom.coordinator.replicas.replica import SYNC_S as REPLICA_SYNC_S
 from loom.coordinator.replicas.replica import Replica
 from loom.coordinator.services.confirmation import CONFIRM_INTERVAL_S
 from loom.coordinator.services.ledger_queue import sequencer_for
-from loom.coordinator.services.lifecycle import activate_on_connect
 from loom.coordinator.state import CoordinatorState
 from loom.protocol.events import NodePresence
 from loom.protocol.messages import Report
@@ -78,11 +78,15 @@ def create_app(settings: Settings) -> FastAPI:
     placement.attach(bus)
     state.placement = placement
 
+    challenger = Challenger(state)
+    # Connect work in batches (loom.coordinator.connects): the handshake awaits its node's
+    # activation (`verifying`/`available`); the challenger's first challenges and the
+    # agent's member.sync follow, prepared for every node of the batch at once.
+    connects = ConnectBatch(state, challenger)
+
     async def on_connect(node_id: str) -> None:
         bus.publish(NodePresence(node_id=node_id, connected=True))
-        await activate_on_connect(state, node_id)
-        # The agent answers only once its receive loop runs: sync in the background.
-        state.track(asyncio.create_task(cluster_events.on_node_connected(state, node_id)))
+        await connects.on_connect(node_id)
 
     async def on_offline(node_id: str) -> None:
         bus.publish(NodePresence(node_id=node_id, connected=False))
@@ -95,8 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
     state.hub.on_connect.append(on_connect)
     state.hub.on_offline.append(on_offline)
     state.hub.on_report("member.lost", on_member_lost)
-    challenger = Challenger(state)
-    challenger.install()  # after on_connect: the lifecycle sets `verifying` first
+    challenger.install(on_connect=False)  # connects reach it through `connects`
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -162,6 +165,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.loom = state
     app.state.challenger = challenger
+    app.state.connects = connects  # tests: `await connects.idle()`
     errors.install(app)
     app.include_router(public.router)
     app.include_router(nodes.router)

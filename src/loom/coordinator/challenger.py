@@ -32,11 +32,14 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import select
 
+from loom.coordinator.db.batching import chunks
 from loom.coordinator.db.models import Device, Node
 from loom.coordinator.hub import AgentConnection, AgentNotConnected, CommandFailed
 from loom.coordinator.services import nodes as node_service
@@ -102,10 +105,38 @@ def _machine_key(state: CoordinatorState, node: Node) -> str:
     Both are needed: an attacker cannot stall honest nodes by claiming their hostname
     (it would need their address too), and a farm behind one NAT still runs in parallel.
     """
-    conn = state.hub.connections.get(node.id)
+    return _machine_key_of(state, node.id, node.hostname or "")
+
+
+def _machine_key_of(state: CoordinatorState, node_id: str, hostname: str) -> str:
+    conn = state.hub.connections.get(node_id)
     client = getattr(conn.ws, "client", None) if conn is not None else None
     address = str(getattr(client, "host", "") or "")
-    return f"{address or node.id}/{node.hostname or node.id}"
+    return f"{address or node_id}/{hostname or node_id}"
+
+
+def _cpu_verified(node_id: str, devices: Sequence[Device]) -> bool:
+    cpu = vsvc.cpu_device_id(node_id)
+    return any(d.id == cpu and d.state == DeviceState.VERIFIED.value for d in devices)
+
+
+@dataclass
+class _Facts:
+    """What :meth:`Challenger.on_connected` reads of a node."""
+
+    state: str
+    node_key: str
+    hostname: str
+    devices: list[Device]
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A node's facts handed to its challenge task (read once for a batch of nodes)."""
+
+    node_key: bytes
+    host: str
+    devices: Sequence[Device]
 
 
 class Challenger:
@@ -129,15 +160,103 @@ class Challenger:
         self.last_tick: float | None = None
 
     # ---------------------------------------------------------------- hub hooks
-    def install(self) -> None:
-        """Register the hooks (after the lifecycle's on_connect, which sets `verifying`)."""
-        self.state.hub.on_connect.append(self.on_connect)
+    def install(self, *, on_connect: bool = True) -> None:
+        """Register the hooks (after the lifecycle's on_connect, which sets `verifying`).
+
+        ``on_connect=False``: connects come in batches through :meth:`on_connected`
+        (``loom.coordinator.connects``, as the app wires it) instead of one hook each.
+        """
+        if on_connect:
+            self.state.hub.on_connect.append(self.on_connect)
         self.state.hub.on_offline.append(self.on_offline)
         self.state.hub.on_report("challenge.commit", self.on_commit)
 
     async def on_connect(self, node_id: str) -> None:
         # Runs inside the handshake: never await an agent here.
         self.schedule(node_id, None)
+
+    async def on_connected(self, node_ids: Sequence[str]) -> None:
+        """Connected nodes (activated, ``loom.coordinator.connects``): their first
+        challenges, prepared for all of them at once.
+
+        One read of the nodes, their devices and their challenge history (bounded
+        chunks), one transaction promoting those already verified, then one background
+        task per node that has something to prove (the challenges themselves talk to
+        each agent).
+        """
+        ids = [n for n in dict.fromkeys(node_ids) if n not in self._node_tasks]
+        if not ids:
+            return
+        now = time.time()
+        facts: dict[str, _Facts] = {}
+        async with self.state.session() as session:
+            for chunk in chunks(ids):
+                rows = await session.execute(
+                    select(Node.id, Node.state, Node.node_key, Node.hostname).where(
+                        Node.id.in_(chunk), Node.state != NodeState.BANNED.value
+                    )
+                )
+                for node_id, node_state, node_key, hostname in rows:
+                    facts[node_id] = _Facts(node_state, node_key, hostname or "", [])
+            devices = await vsvc.present_devices(session, list(facts))
+            for dev in devices:
+                facts[dev.node_id].devices.append(dev)
+            hist = await vsvc.recent_history(session, [d.id for d in devices], now)
+        promote = [
+            node_id
+            for node_id, f in facts.items()
+            if f.state == NodeState.VERIFYING.value and _cpu_verified(node_id, f.devices)
+        ]
+        if promote:
+            try:
+                await self.promote_many(promote)
+            except Exception as exc:  # e.g. a deadlock with the heartbeat flush: one by one
+                log.warning("promoting %d node(s) failed (%s): one by one", len(promote), exc)
+                for node_id in promote:
+                    with contextlib.suppress(Exception):
+                        await self.promote(node_id)
+        for node_id, f in facts.items():
+            if node_id in self._node_tasks:
+                continue
+            plan = self._plan(node_id, f.devices, hist)
+            if not plan:
+                continue
+            host = _machine_key_of(self.state, node_id, f.hostname)
+            ready = _Ready(bytes.fromhex(f.node_key), host, f.devices)
+            self._start(node_id, self._verify_node(node_id, plan, ready))
+
+    async def promote_many(self, node_ids: Sequence[str]) -> list[str]:
+        """:meth:`promote` for many nodes in one transaction; returns those promoted."""
+        done: list[str] = []
+        async with self.state.session() as session:
+            for chunk in chunks(node_ids):
+                nodes = list(
+                    (
+                        await session.execute(
+                            select(Node).where(
+                                Node.id.in_(chunk), Node.state == NodeState.VERIFYING.value
+                            )
+                        )
+                    ).scalars()
+                )
+                cpus = {vsvc.cpu_device_id(n.id) for n in nodes}
+                verified = set(
+                    (
+                        await session.execute(
+                            select(Device.id).where(
+                                Device.id.in_(cpus), Device.state == DeviceState.VERIFIED.value
+                            )
+                        )
+                    ).scalars()
+                )
+                now = time.time()
+                for node in nodes:
+                    if vsvc.cpu_device_id(node.id) in verified:
+                        why = "hardware verified (cpu)"
+                        node_service.transition(session, node, NodeState.AVAILABLE, why, now)
+                        done.append(node.id)
+            await session.commit()
+        return done
 
     async def on_offline(self, node_id: str) -> None:
         for active in self._active.values():
@@ -176,7 +295,11 @@ class Challenger:
         """Challenge a node's devices in the background (None: whatever it needs)."""
         if node_id in self._node_tasks:
             return False
-        task = asyncio.create_task(self._verify_node(node_id, plan), name=f"verify-{node_id}")
+        self._start(node_id, self._verify_node(node_id, plan))
+        return True
+
+    def _start(self, node_id: str, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work, name=f"verify-{node_id}")
         self._node_tasks[node_id] = task
 
         def done(t: asyncio.Task[None]) -> None:
@@ -185,12 +308,17 @@ class Challenger:
 
         task.add_done_callback(done)
         self.state.track(task)
-        return True
 
     async def _initial_plan(self, node_id: str, devices: Sequence[Device]) -> Plan:
         now = time.time()
         async with self.state.session() as session:
             hist = await vsvc.recent_history(session, [d.id for d in devices], now)
+        return self._plan(node_id, devices, hist)
+
+    def _plan(
+        self, node_id: str, devices: Sequence[Device], hist: Mapping[str, vsvc.DeviceHistory]
+    ) -> Plan:
+        """What a connected node's devices need proven now (the initial plan)."""
         plan: Plan = []
         for dev in devices:
             cls = vsvc.device_class_for(dev, self.config)
@@ -203,16 +331,23 @@ class Challenger:
                 plan.append((dev.id, "initial" if h is None else "retry"))
         return plan
 
-    async def _verify_node(self, node_id: str, plan: Plan | None) -> None:
+    async def _verify_node(
+        self, node_id: str, plan: Plan | None, ready: _Ready | None = None
+    ) -> None:
+        """Challenge ``plan``'s devices (None: what the node needs); ``ready``: the node's
+        facts as :meth:`on_connected` read them (and promoted it), not read again here."""
         try:
-            async with self.state.session() as session:
-                node = await session.get(Node, node_id)
-                if node is None or node.state == NodeState.BANNED.value:
-                    return
-                devices = await vsvc.present_devices(session, [node_id])
-                node_key = bytes.fromhex(node.node_key)
-                host = _machine_key(self.state, node)
-            await self.promote(node_id)
+            if ready is None:
+                async with self.state.session() as session:
+                    node = await session.get(Node, node_id)
+                    if node is None or node.state == NodeState.BANNED.value:
+                        return
+                    devices: Sequence[Device] = await vsvc.present_devices(session, [node_id])
+                    node_key = bytes.fromhex(node.node_key)
+                    host = _machine_key(self.state, node)
+                await self.promote(node_id)
+            else:
+                node_key, host, devices = ready.node_key, ready.host, ready.devices
             if plan is None:
                 plan = await self._initial_plan(node_id, devices)
             by_id = {d.id: d for d in devices}
@@ -231,7 +366,8 @@ class Challenger:
                     )
                 if verdict.banned:
                     return
-                await self.promote(node_id)
+                if verdict.outcome == "passed":  # only a pass can verify the CPU
+                    await self.promote(node_id)
         except Exception:
             log.exception("verification of node %s failed", node_id)
 

@@ -22,6 +22,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from loom.coordinator import tunnel
 from loom.coordinator.api.deps import get_state
 from loom.coordinator.hub import AgentConnection
+from loom.coordinator.registration import Refused, Registrar
 from loom.coordinator.replicas import sessions as agent_sessions
 from loom.coordinator.services import nodes as node_service
 from loom.coordinator.services.handshake import (
@@ -34,7 +35,6 @@ from loom.coordinator.state import CoordinatorState
 from loom.core.models import NodeState
 from loom.protocol.messages import (
     CLOSE_BAD_MESSAGE,
-    CLOSE_BANNED,
     CLOSE_HANDSHAKE_TIMEOUT,
     CLOSE_REPLACED,
     MAX_FRAME_BYTES,
@@ -99,6 +99,15 @@ def _address(state: CoordinatorState) -> str:
     return f"http://{state.settings.host}:{state.settings.port}"
 
 
+def _registrar(ws: WebSocket, state: CoordinatorState) -> Registrar:
+    """The app's one registrar (made on the first handshake)."""
+    app_state = ws.app.state
+    registrar: Registrar | None = getattr(app_state, "registrar", None)
+    if registrar is None or registrar.state is not state:
+        registrar = app_state.registrar = Registrar(state)
+    return registrar
+
+
 def _describe(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err.get("loc", ())) or "message"
@@ -155,31 +164,18 @@ async def _handshake(state: CoordinatorState, ws: WebSocket) -> AgentConnection:
         raise _Refuse(CLOSE_BAD_MESSAGE, _describe(exc)) from None
     reg = check_auth(auth, nonce, default_price_micro=DEFAULT_PRICE_MICRO)
     now = time.time()
-    # Bounded: a reconnect storm must not take every pooled connection from the
-    # heartbeat flush and the watchdog.
-    async with state.handshake_slots, state.session() as session:
-        node = await node_service.register(session, reg, now)
-        if node.state == NodeState.BANNED.value:
-            await session.rollback()
-            raise _Refuse(CLOSE_BANNED, "this node is banned (failed hardware verification)")
-        if node.state == NodeState.REMOVED.value:
-            await session.rollback()
-            raise _Refuse(
-                CLOSE_BANNED,
-                "this node was removed by its owner; to add the machine again, start the "
-                "agent with a new LOOM_HOME (a new node key)",
-            )
-        # This replica now holds the agent: a new epoch fences whoever held it before.
-        epoch = await agent_sessions.claim(
-            session, reg.node_id, state.settings.replica_id, now, _address(state)
-        )
-        await session.commit()
-    conn = await state.hub.attach(reg.node_id, ws, now, epoch)
+    # Written with the other handshakes of the moment in one transaction (one pooled
+    # connection, whatever the storm), the agent's session claimed at a new epoch.
+    try:
+        written = await _registrar(ws, state).register(reg, now, _address(state))
+    except Refused as exc:
+        raise _Refuse(exc.code, exc.reason) from None
+    conn = await state.hub.attach(reg.node_id, ws, now, written.epoch)
     state.hub.heartbeats.record(reg.node_id, now, "{}")
     welcome = Welcome(
         node_id=reg.node_id,
         heartbeat_interval_s=state.settings.heartbeat_interval_s,
-        state=node.state,
+        state=written.state,
     )
     # Welcome first: hooks may send commands, which the agent reads only after it.
     await conn.send_text(welcome.model_dump_json())

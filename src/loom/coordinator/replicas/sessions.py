@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import ColumnElement, Table, and_, bindparam, exists, select, update
+from sqlalchemy import ColumnElement, Executable, Table, and_, bindparam, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import BindParameter
@@ -39,26 +39,38 @@ async def claim(
     """Record that ``replica_id`` now holds ``node_id``'s socket; returns the new epoch
     (1 on the first connect). Joins the caller's transaction (commit it)."""
     dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    ins = insert(TABLE).values(
-        node_id=node_id,
-        replica_id=replica_id,
-        epoch=1,
-        connected_at=now,
-        last_seen=now,
-        address=address,
-    )
-    stmt = ins.on_conflict_do_update(
-        index_elements=[TABLE.c.node_id],
-        set_={
-            "epoch": TABLE.c.epoch + 1,
-            "replica_id": ins.excluded.replica_id,
-            "connected_at": ins.excluded.connected_at,
-            "last_seen": ins.excluded.last_seen,
-            "address": ins.excluded.address,
-        },
-    ).returning(TABLE.c.epoch)
-    return int((await session.execute(stmt)).scalar_one())
+    params = {"c_node": node_id, "c_replica": replica_id, "c_now": now, "c_address": address}
+    return int((await session.execute(_claim_statement(dialect), params)).scalar_one())
+
+
+_CLAIMS: dict[str, Executable] = {}
+
+
+def _claim_statement(dialect: str) -> Executable:
+    """The claim's upsert, built once per dialect (every handshake runs it: building and
+    caching-keying a fresh construct each time cost more than executing it)."""
+    stmt = _CLAIMS.get(dialect)
+    if stmt is None:
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        ins = insert(TABLE).values(
+            node_id=bindparam("c_node"),
+            replica_id=bindparam("c_replica"),
+            epoch=1,
+            connected_at=bindparam("c_now"),
+            last_seen=bindparam("c_now"),
+            address=bindparam("c_address"),
+        )
+        stmt = _CLAIMS[dialect] = ins.on_conflict_do_update(
+            index_elements=[TABLE.c.node_id],
+            set_={
+                "epoch": TABLE.c.epoch + 1,
+                "replica_id": ins.excluded.replica_id,
+                "connected_at": ins.excluded.connected_at,
+                "last_seen": ins.excluded.last_seen,
+                "address": ins.excluded.address,
+            },
+        ).returning(TABLE.c.epoch)
+    return stmt
 
 
 def held_by(
