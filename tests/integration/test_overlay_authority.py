@@ -15,8 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from loom.coordinator.overlay.authority import Authority, OverlayConfigError, OverlaySettings
+from loom.coordinator.overlay.authority import (
+    Authority,
+    OverlayConfigError,
+    OverlaySettings,
+    fingerprint,
+)
 from loom.coordinator.overlay.lighthouse import Lighthouse
+from loom.protocol.commands import BadCommand, MemberOverlayBlocklist, parse_command
 from loom.protocol.overlay import OverlayError, OverlayGrant, grant_from_args, grant_to_args
 from support.servers import free_port
 
@@ -119,3 +125,58 @@ async def test_lighthouse_is_restarted_when_it_dies(tmp_path: Path) -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
     assert lighthouse.proc is None  # stopped with its supervisor
+
+
+async def test_revocation_blocks_every_certificate_of_a_holder_until_it_expires(
+    tmp_path: Path,
+) -> None:
+    authority = Authority(_settings(tmp_path))
+    pub = _public_key(tmp_path)
+    now = time.time()
+    first = authority.grant("c-1", "m-a", None, pub, now)
+    authority.grant("c-1", "m-b", None, pub, now)
+    user = authority.grant("c-1", "u-1", None, pub, now)
+    authority.grant("c-2", "m-c", None, pub, now)
+    # m-a holds two certificates now (a shorter one: the cluster ends in 30 min).
+    renewal = authority.renew("m-a", now + 3 * 3600 + 1800, now + 3 * 3600)
+    assert renewal is not None
+    assert first.blocklist == []
+    # Revoking m-a blocks both of its certificates (it has both) and frees its address.
+    blocked = authority.revoke(["m-a"], now + 3 * 3600)
+    assert sorted(blocked) == sorted([fingerprint(first.crt), fingerprint(renewal.crt)])
+    assert authority.address_of("m-a") is None and authority.revoke(["m-a"]) == []
+    assert authority.blocklist("c-1", now + 3 * 3600) == sorted(blocked)
+    assert authority.blocklist("c-2", now + 3 * 3600) == []
+    # A later member of the cluster gets the list in its grant.
+    late = authority.grant("c-1", "m-d", None, pub, now + 3 * 3600)
+    assert late.blocklist == sorted(blocked)
+    # The cluster's end blocks the rest (user certificates too); a restart keeps the list.
+    assert sorted(authority.release_cluster("c-1", now + 3 * 3600)) == ["m-b", "m-d", "u-1"]
+    again = Authority(_settings(tmp_path))
+    listed = again.blocklist(None, now + 3 * 3600)
+    assert fingerprint(user.crt) in listed and len(listed) == 5
+    assert again.blocked_clusters(now + 3 * 3600) == ["c-1"]
+    # The lighthouse reads the list at start and reloads it on SIGHUP (logged by Nebula).
+    lighthouse = Lighthouse(again)
+    await lighthouse.start()
+    try:
+        config = json.loads(lighthouse.config_path.read_text())
+        assert config["pki"]["blocklist"] == again.blocklist() == listed
+        assert config["pki"]["disconnect_invalid"] is True
+        assert await lighthouse.reload(), lighthouse.log_tail()
+        assert lighthouse.log_path.read_text().count("Blocklisting cert") == 2 * len(listed)
+    finally:
+        await lighthouse.stop()
+    # An expired certificate needs no blocking: the first one drops out after 4 h.
+    assert fingerprint(first.crt) not in again.blocklist(None, now + 4 * 3600 + 1)
+    assert again.blocklist(None, now + 30 * 3600) == []
+    with pytest.raises(ValueError, match="Nebula certificate"):
+        fingerprint("hello")
+
+
+def test_a_bad_fingerprint_is_a_clear_error() -> None:
+    good = "ab" * 32
+    assert MemberOverlayBlocklist(cluster_id="c-1", fingerprints=[good]).fingerprints == [good]
+    for bad in ("AB" * 32, "ab" * 31, "x"):
+        with pytest.raises(BadCommand, match=r"args\.fingerprints: .*64 lowercase hex"):
+            parse_command("member.overlay_blocklist", {"cluster_id": "c", "fingerprints": [bad]})

@@ -26,6 +26,7 @@ from loom.agent.netns import driver_prefix
 from loom.client.sdk import LoomClient
 from loom.coordinator import ray_peers
 from loom.coordinator.config import Settings
+from loom.coordinator.overlay.service import current, push_blocklist
 from support.fakeagent import force_available
 from support.nat import SYMMETRIC, Topology
 from support.nat_cluster import (
@@ -220,6 +221,17 @@ def test_cut_worker_is_replaced_and_the_job_keeps_going(
                 if m.state == "ready" and m.id not in {x.id for x in ready}
             )
             assert _home_of(new.node_name) != cut_home and new.overlay_ip, new
+            # The cut worker's certificates are revoked: the lighthouse blocks them and
+            # every remaining member's Nebula (through its real agent) reloaded the list.
+            overlay = current(coordinator.state)
+            assert overlay is not None
+            blocked = overlay.authority.blocklist(cluster.id)
+            assert blocked and overlay.lighthouse_list == tuple(blocked)
+            assert all(
+                getattr(overlay.authority.revoked(f), "holder", "") == victim.id for f in blocked
+            )
+            reloaded = coordinator.run_coro(push_blocklist(coordinator.state, cluster.id))
+            assert reloaded == sorted(m.id for m in healed.members if m.state == "ready")
             assert any(m.id == head.id and m.state == "ready" for m in healed.members)
             on_new = wait_for(
                 lambda: next((t for t, ip in _ticks(out) if ip == new.overlay_ip), None),

@@ -26,6 +26,7 @@ from loom.protocol.commands import (
     ChallengeNonce,
     ChallengeOpen,
     ChallengeStart,
+    MemberOverlayBlocklist,
     MemberPeerLost,
     MemberSeen,
     MemberStart,
@@ -94,6 +95,11 @@ commands: st.SearchStrategy[AgentCommand[Any]] = st.one_of(
         ),
     ),
     st.builds(ChallengeAbort, challenge_id=cid),
+    st.builds(
+        MemberOverlayBlocklist,
+        cluster_id=ids,
+        fingerprints=st.lists(st.text("0123456789abcdef", min_size=64, max_size=64), max_size=4),
+    ),
 )
 
 

@@ -41,6 +41,8 @@ from loom.agent.raynode import (
 from loom.agent.raynode_spec import MemberPaths, member_short_id
 from loom.agent.runtimes import Runtime
 from loom.protocol.commands import (
+    MemberOverlayBlocklist,
+    MemberOverlayBlocklistReply,
     MemberOverlayCert,
     MemberOverlayCertReply,
     MemberOverlayKey,
@@ -109,6 +111,7 @@ class MemberManager:
             handler(MemberPeerLost, self.peer_lost),
             handler(MemberOverlayKey, self.overlay_key),
             handler(MemberOverlayCert, self.overlay_cert),
+            handler(MemberOverlayBlocklist, self.overlay_blocklist),
         )
 
     async def overlay_key(self, cmd: MemberOverlayKey) -> MemberOverlayKeyReply:
@@ -135,6 +138,18 @@ class MemberManager:
         if overlay is None:
             return MemberOverlayCertReply()
         return MemberOverlayCertReply(reloaded=await overlay.renew(cmd.crt))
+
+    async def overlay_blocklist(self, cmd: MemberOverlayBlocklist) -> MemberOverlayBlocklistReply:
+        """The cluster's revoked certificates: each of its members here reloads Nebula."""
+        mine = [
+            (member_id, overlay)
+            for member_id, overlay in list(self.overlays.items())
+            if overlay.grant.group == cmd.cluster_id  # the cluster's group is its id
+        ]
+        done = await asyncio.gather(*(o.block(cmd.fingerprints) for _, o in mine))
+        return MemberOverlayBlocklistReply(
+            reloaded=[m for (m, _), ok in zip(mine, done, strict=True) if ok]
+        )
 
     async def cleanup_leftovers(self) -> list[str]:
         """Remove members left by a previous agent process (crash, SIGKILL)."""

@@ -9,7 +9,10 @@ member's Nebula files, runs ``nebula`` inside the member's namespace (its tun de
 and dies there), and configures a firewall that admits only the cluster's group: another
 cluster's member cannot open anything here, even on the same host, and the lighthouse
 (which joins no cluster) cannot either. A renewed certificate (:meth:`MemberOverlay.renew`)
-replaces the file and Nebula gets SIGHUP: it reloads its PKI and keeps its tunnels.
+replaces the file and Nebula gets SIGHUP: it reloads its PKI and keeps its tunnels. The
+cluster's revoked certificates (:meth:`MemberOverlay.block`, ``member.overlay_blocklist``)
+go into ``pki.blocklist`` the same way; with ``pki.disconnect_invalid`` Nebula also closes
+a tunnel already open with a revoked certificate.
 
 The Ray node then binds the overlay address. The host reaches that address through a
 /32 route via the member's veth (the agent's tunnel to the head's Ray client port).
@@ -49,6 +52,8 @@ RELAY_POLL_S = 2.0
 #: How long a SIGHUPed Nebula may take to say it reloaded its certificate.
 RELOAD_TIMEOUT_S = 10.0
 _RELOADED = b"Client cert refreshed from disk"
+#: Logged on every reload: the CA pool, and with it ``pki.blocklist``, was read again.
+_CA_RELOADED = b"Trusted CA certificates refreshed"
 KEY_FILE = "host.key"
 PUB_FILE = "host.pub"
 _HANDSHAKE = re.compile(r'msg="Handshake message received".*?udpAddr="?([^" ]+)"? vpnIp=([0-9.]+)')
@@ -127,13 +132,19 @@ def lighthouse_hosts(grant: OverlayGrant, net: MemberNet) -> tuple[list[str], se
     return out, ports
 
 
-def member_config(grant: OverlayGrant, net: MemberNet, directory: Path) -> dict[str, object]:
+def member_config(
+    grant: OverlayGrant, net: MemberNet, directory: Path, blocklist: list[str] | None = None
+) -> dict[str, object]:
     hosts, _ = lighthouse_hosts(grant, net)
     return {
         "pki": {
             "ca": str(directory / "ca.crt"),
             "cert": str(directory / "host.crt"),
             "key": str(directory / KEY_FILE),
+            # Revoked certificates (removed members, dropped users) of this cluster, and
+            # tunnels already open with one are closed at Nebula's next check.
+            "blocklist": list(grant.blocklist if blocklist is None else blocklist),
+            "disconnect_invalid": True,
         },
         "static_host_map": {grant.lighthouse_ip: hosts},
         "lighthouse": {"am_lighthouse": False, "interval": 30, "hosts": [grant.lighthouse_ip]},
@@ -170,6 +181,8 @@ class MemberOverlay:
         self._watch: asyncio.Task[None] | None = None
         #: Seconds each step took: "nebula" (start to tun up), "reach_head" (worker only).
         self.timings: dict[str, float] = {}
+        #: The fingerprints in ``pki.blocklist`` (the grant's, then each update's).
+        self.blocklist: list[str] = list(grant.blocklist)
 
     def _write_files(self) -> Path:
         if not (self.dir / KEY_FILE).exists():
@@ -178,8 +191,14 @@ class MemberOverlay:
             )
         (self.dir / "ca.crt").write_text(self.grant.ca_crt)
         (self.dir / "host.crt").write_text(self.grant.crt)
+        return self._write_config()
+
+    def _write_config(self) -> Path:
         config = self.dir / "config.yml"
-        config.write_text(json.dumps(member_config(self.grant, self.net, self.dir)))  # JSON ⊂ YAML
+        body = json.dumps(member_config(self.grant, self.net, self.dir, self.blocklist))
+        tmp = config.with_suffix(".new")
+        tmp.write_text(body)  # JSON ⊂ YAML
+        tmp.replace(config)
         return config
 
     async def start(self, timeout: float = START_TIMEOUT_S) -> None:
@@ -276,15 +295,44 @@ class MemberOverlay:
         tmp = crt_path.with_suffix(".new")
         await asyncio.to_thread(tmp.write_text, crt)
         await asyncio.to_thread(tmp.replace, crt_path)
+        if await self._reload(proc, size, _RELOADED, timeout):
+            self.grant = self.grant.model_copy(update={"crt": crt})
+            return True
+        log.warning("member Nebula did not confirm the certificate reload: %s", self.log_tail(3))
+        return False
+
+    async def block(self, fingerprints: list[str], timeout: float = RELOAD_TIMEOUT_S) -> bool:
+        """Make ``fingerprints`` the member's ``pki.blocklist`` and have Nebula reload it.
+
+        Returns whether Nebula logged the reload within ``timeout`` (False too when it is
+        not running yet: :meth:`start` writes the list it is given here).
+        """
+        self.blocklist = sorted(set(fingerprints))
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return False
+        size = self.log_path.stat().st_size if self.log_path.exists() else 0
+        try:
+            await asyncio.to_thread(self._write_config)
+        except OSError as exc:
+            log.warning("writing the member's blocklist failed: %s", exc)
+            return False
+        if await self._reload(proc, size, _CA_RELOADED, timeout):
+            return True
+        log.warning("member Nebula did not confirm the blocklist reload: %s", self.log_tail(3))
+        return False
+
+    async def _reload(
+        self, proc: asyncio.subprocess.Process, size: int, marker: bytes, timeout: float
+    ) -> bool:
+        """SIGHUP Nebula; whether it logged ``marker`` (after ``size``) within ``timeout``."""
         proc.send_signal(signal.SIGHUP)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            if _RELOADED in await asyncio.to_thread(self._log_since, size):
-                self.grant = self.grant.model_copy(update={"crt": crt})
+            if marker in await asyncio.to_thread(self._log_since, size):
                 return True
             await asyncio.sleep(0.05)
-        log.warning("member Nebula did not confirm the certificate reload: %s", self.log_tail(3))
         return False
 
     def _log_since(self, offset: int) -> bytes:

@@ -28,6 +28,8 @@ from loom.protocol.commands import (
     ChallengeNonce,
     ChallengeOpen,
     ChallengeStart,
+    MemberOverlayBlocklist,
+    MemberOverlayBlocklistReply,
     MemberOverlayCert,
     MemberOverlayCertReply,
     MemberOverlayKey,
@@ -134,6 +136,12 @@ class AgentClient:
     async def member_overlay_cert(
         self, node_id: str, command: MemberOverlayCert, *, timeout: float = DEFAULT_TIMEOUT_S
     ) -> MemberOverlayCertReply:
+        return await self.call(node_id, command, timeout=timeout)
+
+    async def member_overlay_blocklist(
+        self, node_id: str, command: MemberOverlayBlocklist, *, timeout: float = DEFAULT_TIMEOUT_S
+    ) -> MemberOverlayBlocklistReply:
+        """The cluster's full blocklist to its members on ``node_id`` (each reloads Nebula)."""
         return await self.call(node_id, command, timeout=timeout)
 
     # -- hardware challenges ---------------------------------------------------------------

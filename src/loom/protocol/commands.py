@@ -17,6 +17,7 @@ name                       command                      reply
 ``member.peer_lost``       :class:`MemberPeerLost`      :class:`MemberPeerLostReply`
 ``member.overlay_key``     :class:`MemberOverlayKey`    :class:`MemberOverlayKeyReply`
 ``member.overlay_cert``    :class:`MemberOverlayCert`   :class:`MemberOverlayCertReply`
+``member.overlay_blocklist`` :class:`MemberOverlayBlocklist` :class:`MemberOverlayBlocklistReply`
 ``challenge.start``        :class:`ChallengeStart`      :class:`ChallengeAccepted`
 ``challenge.nonce``        :class:`ChallengeNonce`      :class:`NonceTaken`
 ``challenge.open``         :class:`ChallengeOpen`       ``OpeningsResponse`` (core)
@@ -52,7 +53,13 @@ from loom.core.challenge import (
 )
 from loom.core.challenge import ChallengeStart as ChallengeStartMessage
 from loom.core.challenge.messages import ChallengeIdBytes, NonceBytes, RoundIndex
-from loom.protocol.overlay import OverlayGrant, check_pem, check_public_key
+from loom.protocol.overlay import (
+    MAX_BLOCKLIST,
+    OverlayGrant,
+    check_fingerprints,
+    check_pem,
+    check_public_key,
+)
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -230,6 +237,27 @@ class MemberOverlayCert(AgentCommand[MemberOverlayCertReply]):
         return check_pem(value)
 
 
+class MemberOverlayBlocklistReply(Reply):
+    #: The members of that cluster on this agent whose Nebula reloaded the blocklist.
+    reloaded: list[str] = Field(default_factory=list, max_length=256)
+
+
+class MemberOverlayBlocklist(AgentCommand[MemberOverlayBlocklistReply]):
+    """The cluster's revoked certificates, in full: every member of ``cluster_id`` on this
+    agent writes them as Nebula's ``pki.blocklist`` and reloads (SIGHUP)."""
+
+    wire_name: ClassVar[str] = "member.overlay_blocklist"
+    reply_model: ClassVar[type[BaseModel]] = MemberOverlayBlocklistReply
+
+    cluster_id: str = Field(min_length=1, max_length=_ID)
+    fingerprints: list[str] = Field(max_length=MAX_BLOCKLIST)
+
+    @field_validator("fingerprints")
+    @classmethod
+    def _fingerprints(cls, value: list[str]) -> list[str]:
+        return check_fingerprints(value)
+
+
 # -- hardware challenges -------------------------------------------------------------------
 
 
@@ -320,6 +348,7 @@ COMMANDS: dict[str, type[AgentCommand[Any]]] = {
         MemberPeerLost,
         MemberOverlayKey,
         MemberOverlayCert,
+        MemberOverlayBlocklist,
         ChallengeStart,
         ChallengeNonce,
         ChallengeOpen,

@@ -13,9 +13,12 @@ directory) and answers the public key; the coordinator signs that public key
 cluster lives the coordinator renews the certificate before it expires and pushes it with
 ``member.overlay_cert`` (:class:`OverlayRenewal`, sent as ``MemberOverlayCert``); the
 agent swaps the file and sends
-Nebula SIGHUP (it reloads its PKI, keeping its tunnels). ``loom cluster connect`` does the
-same: the user's machine generates its key and posts only the public key
-(:class:`OverlayJoin`).
+Nebula SIGHUP (it reloads its PKI, keeping its tunnels). A member (or user certificate)
+that leaves the cluster is revoked: its certificates' fingerprints join the cluster's
+blocklist, which every remaining member gets with ``member.overlay_blocklist`` (written as
+Nebula's ``pki.blocklist``, SIGHUP) and every later one in its grant.
+``loom cluster connect`` does the same: the user's machine generates its key and posts
+only the public key (:class:`OverlayJoin`).
 
 The commands are plain dicts today; :func:`grant_to_args` / :func:`grant_from_args` put
 the grant under one key and read it back, typed and validated.
@@ -40,6 +43,18 @@ _PUBLIC_KEY = re.compile(
     r"-----END NEBULA X25519 PUBLIC KEY-----\n?$"
 )
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+#: The most fingerprints one blocklist carries (a cluster's revoked, unexpired certificates).
+MAX_BLOCKLIST = 4096
+
+
+def check_fingerprints(value: list[str]) -> list[str]:
+    for item in value:
+        if not _FINGERPRINT.match(item):
+            raise ValueError(
+                f"fingerprint {item[:80]!r} must be 64 lowercase hex digits (nebula-cert print)"
+            )
+    return value
 
 
 def check_pem(value: str) -> str:
@@ -80,6 +95,9 @@ class OverlayGrant(BaseModel):
     lighthouse_addresses: list[str] = Field(min_length=1, max_length=8)
     #: When the certificate expires (unix time; the coordinator renews while the cluster lives).
     expires_at: float
+    #: Revoked certificates of this cluster (fingerprints, Nebula's ``pki.blocklist``):
+    #: removed members' and users', still unexpired. Later changes: ``member.overlay_blocklist``.
+    blocklist: list[str] = Field(default_factory=list, max_length=MAX_BLOCKLIST)
 
     @field_validator("ca_crt", "crt")
     @classmethod
@@ -90,6 +108,11 @@ class OverlayGrant(BaseModel):
     @classmethod
     def _ip(cls, value: str) -> str:
         return str(ipaddress.IPv4Address(value))
+
+    @field_validator("blocklist")
+    @classmethod
+    def _blocklist(cls, value: list[str]) -> list[str]:
+        return check_fingerprints(value)
 
     @field_validator("group")
     @classmethod

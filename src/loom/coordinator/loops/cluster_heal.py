@@ -13,6 +13,7 @@ import logging
 from loom.coordinator.db.models import Cluster
 from loom.coordinator.loops import cluster_members as members
 from loom.coordinator.loops.cluster_work import ClusterWork
+from loom.coordinator.overlay import service as overlay_service
 from loom.coordinator.services import clusters as cluster_service
 from loom.core.models import ClusterState
 
@@ -29,6 +30,8 @@ async def heal(work: ClusterWork) -> None:
         rows = await cluster_service.members_of(session, work.cluster_id)
         nodes = cluster_service.spec_of(cluster).nodes
     live = [m for m in rows if m.state in cluster_service.LIVE_MEMBER]
+    # The lost members' overlay certificates are revoked before anything else.
+    await overlay_service.revoke_ended(work.state, work.cluster_id)
     # A replacement left `assigned`/`starting` by a replica that died: start it first.
     pending = [m.id for m in live if m.role == "worker" and m.state != "ready"]
     tried = {m.node_id for m in rows}

@@ -143,6 +143,8 @@ async def fail_member(work: ClusterWork, member_id: str, reason: str) -> Member:
         member = await session.get(Member, member_id)
         assert member is not None
         await cluster_service.end_member(session, member, MemberState.LOST, reason, work.now())
+    # Its overlay certificates are revoked first: its Nebula may outlive the stop.
+    await overlay_service.revoke(work.state, work.cluster_id, [member_id])
     await stop_on_agent(work.state, member.node_id, member_id)
     return member
 

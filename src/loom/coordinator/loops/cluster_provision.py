@@ -147,4 +147,4 @@ async def teardown(work: ClusterWork) -> None:
             cluster_service.transition(
                 session, cluster, ClusterState.TERMINATED, cluster.reason or "down", now
             )
-    overlay_service.release(work.state, work.cluster_id)
+    await overlay_service.release(work.state, work.cluster_id)  # revokes its certificates

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import os
@@ -43,6 +46,31 @@ class Entry:
     pub: str = ""
     expires: float = 0.0
     lifetime: float = 0.0
+    #: Every certificate signed for it: (fingerprint, expiry). The holder keeps them all
+    #: (a renewal does not void the previous one), so a revocation blocks them all.
+    certs: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """A blocked certificate: whose it was, and until when it needs blocking."""
+
+    cluster: str
+    holder: str
+    expires: float
+
+
+def fingerprint(crt_pem: str) -> str:
+    """The certificate's fingerprint as Nebula computes it (``nebula-cert print``'s
+    ``fingerprint``, what ``pki.blocklist`` lists): hex SHA-256 of the PEM's body."""
+    lines = [ln.strip() for ln in crt_pem.strip().splitlines()]
+    if len(lines) < 3 or not lines[0].startswith("-----BEGIN NEBULA CERTIFICATE"):
+        raise ValueError("not a Nebula certificate PEM")
+    try:
+        raw = base64.b64decode("".join(lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not a Nebula certificate PEM (bad base64)") from None
+    return hashlib.sha256(raw).hexdigest()
 
 
 class OverlayConfigError(ValueError):
@@ -125,10 +153,13 @@ class Authority:
         self.ca_crt_path = self.dir / "ca.crt"
         self.ca_key_path = self.dir / "ca.key"
         self._book_path = self.dir / "addresses.json"
+        self._revoked_path = self.dir / "blocklist.json"
         self._ensure_ca()
         self.ca_crt = self.ca_crt_path.read_text()
         #: member id (or user certificate name) -> its entry
         self._book: dict[str, Entry] = self._load()
+        #: fingerprint -> the revoked certificate (kept until it expires)
+        self._revoked: dict[str, Revoked] = self._load_revoked()
 
     @property
     def lighthouse_ip(self) -> str:
@@ -172,13 +203,30 @@ class Authority:
                     str(v.get("pub", "")),
                     float(v.get("expires", 0.0)),
                     float(v.get("lifetime", 0.0)),
+                    tuple((str(f), float(e)) for f, e in v.get("certs", ())),
                 )
         return book
+
+    def _load_revoked(self) -> dict[str, Revoked]:
+        try:
+            raw = json.loads(self._revoked_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {
+            str(fp): Revoked(str(v["cluster"]), str(v["holder"]), float(v["expires"]))
+            for fp, v in raw.items()
+            if isinstance(v, dict) and {"cluster", "holder", "expires"} <= v.keys()
+        }
 
     def _save(self) -> None:
         tmp = self._book_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({k: asdict(v) for k, v in self._book.items()}, sort_keys=True))
         tmp.replace(self._book_path)
+
+    def _save_revoked(self) -> None:
+        tmp = self._revoked_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: asdict(v) for k, v in self._revoked.items()}, sort_keys=True))
+        tmp.replace(self._revoked_path)
 
     def address_of(self, member_id: str) -> str | None:
         with self._lock:
@@ -206,15 +254,80 @@ class Authority:
                     return ip
         raise RuntimeError(f"the overlay network {self.net} is full: choose a larger one")
 
-    def release_cluster(self, cluster_id: str) -> list[str]:
-        """Free the addresses of a cluster's members; returns those member ids."""
+    def holders(self, cluster_id: str) -> list[str]:
+        """The member ids (and user certificate names) holding an address in the cluster."""
         with self._lock:
-            gone = [m for m, v in self._book.items() if v.cluster == cluster_id]
-            for m in gone:
-                del self._book[m]
-            if gone:
+            return sorted(m for m, v in self._book.items() if v.cluster == cluster_id)
+
+    def revoke(self, holders: list[str], now: float | None = None) -> list[str]:
+        """Block every unexpired certificate of ``holders`` and free their addresses.
+
+        Returns the fingerprints newly blocked (empty: nothing to tell anyone).
+        """
+        now = time.time() if now is None else now
+        added: list[str] = []
+        with self._lock:
+            for holder in holders:
+                entry = self._book.pop(holder, None)
+                if entry is None:
+                    continue
+                for fp, expires in entry.certs:
+                    if expires > now and fp not in self._revoked:
+                        self._revoked[fp] = Revoked(entry.cluster, holder, expires)
+                        added.append(fp)
+            if holders:
                 self._save()
+            if added:
+                self._save_revoked()
+        return added
+
+    def release_cluster(self, cluster_id: str, now: float | None = None) -> list[str]:
+        """Revoke the certificates of a cluster's members (and users), free their
+        addresses; returns those holders."""
+        gone = self.holders(cluster_id)
+        self.revoke(gone, now)
         return gone
+
+    def blocklist(self, cluster_id: str | None = None, now: float | None = None) -> list[str]:
+        """The fingerprints to block: the cluster's (None: every cluster's), unexpired.
+
+        Expired ones are dropped for good: Nebula refuses an expired certificate anyway.
+        """
+        now = time.time() if now is None else now
+        with self._lock:
+            expired = [fp for fp, r in self._revoked.items() if r.expires <= now]
+            for fp in expired:
+                del self._revoked[fp]
+            if expired:
+                self._save_revoked()
+            return sorted(
+                fp
+                for fp, r in self._revoked.items()
+                if cluster_id is None or r.cluster == cluster_id
+            )
+
+    def clusters(self) -> list[str]:
+        """The clusters with a holder in the book."""
+        with self._lock:
+            return sorted({v.cluster for v in self._book.values()})
+
+    def blocked_clusters(self, now: float | None = None) -> list[str]:
+        """The clusters with an unexpired revoked certificate."""
+        now = time.time() if now is None else now
+        with self._lock:
+            return sorted({r.cluster for r in self._revoked.values() if r.expires > now})
+
+    def revoked(self, fp: str) -> Revoked | None:
+        with self._lock:
+            return self._revoked.get(fp)
+
+    def _record(self, holder: str, crt: str, expires: float, now: float) -> None:
+        """Remember a certificate signed for ``holder`` (lock held)."""
+        entry = self._book.get(holder)
+        if entry is None:
+            return
+        certs = tuple((f, e) for f, e in entry.certs if e > now)
+        self._book[holder] = dataclasses.replace(entry, certs=(*certs, (fingerprint(crt), expires)))
 
     def sign(
         self,
@@ -283,7 +396,16 @@ class Authority:
         crt, _ = self.sign(member_id, ip, [cluster_group(cluster_id)], lifetime, public_key)
         with self._lock:
             if member_id in self._book:
-                self._book[member_id] = Entry(cluster_id, ip, public_key, now + lifetime, lifetime)
+                old = self._book[member_id]
+                self._book[member_id] = dataclasses.replace(
+                    old,
+                    cluster=cluster_id,
+                    ip=ip,
+                    pub=public_key,
+                    expires=now + lifetime,
+                    lifetime=lifetime,
+                )
+                self._record(member_id, crt, now + lifetime, now)
                 self._save()
         return OverlayGrant(
             ca_crt=self.ca_crt,
@@ -294,6 +416,7 @@ class Authority:
             lighthouse_ip=self.lighthouse_ip,
             lighthouse_addresses=self.settings.advertised(),
             expires_at=now + lifetime,
+            blocklist=self.blocklist(cluster_id, now),
         )
 
     def due(self, now: float) -> list[str]:
@@ -315,6 +438,9 @@ class Authority:
             return None
         lifetime = self.lifetime(ends_at, now)
         crt, _ = self.sign(member_id, entry.ip, [cluster_group(entry.cluster)], lifetime, entry.pub)
+        with self._lock:  # pushed to its agent: the holder has it from now on
+            self._record(member_id, crt, now + lifetime, now)
+            self._save()
         return OverlayRenewal(member_id=member_id, crt=crt, expires_at=now + lifetime)
 
     def renewed(self, renewal: OverlayRenewal, now: float) -> None:

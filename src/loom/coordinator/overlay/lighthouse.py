@@ -3,6 +3,8 @@
 It needs no tun device (``tun.disabled``) and so no privileges: it only answers where
 each member can be reached, and relays for members that cannot reach each other directly
 (symmetric NAT). It joins no cluster's group, so it can reach no member's Ray ports.
+Its ``pki.blocklist`` holds every revoked certificate (:meth:`Lighthouse.reload` rewrites
+it and sends SIGHUP): a revoked member gets no answer and no relay from it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import json
 import logging
 import shutil
+import signal
 from pathlib import Path
 
 from loom.coordinator.overlay.authority import Authority, OverlayConfigError
@@ -20,6 +23,9 @@ log = logging.getLogger(__name__)
 
 #: Restarts back off up to this many seconds after repeated quick deaths.
 MAX_BACKOFF_S = 10.0
+#: How long the lighthouse may take to log that it reloaded its CA pool (and blocklist).
+RELOAD_TIMEOUT_S = 10.0
+_CA_RELOADED = b"Trusted CA certificates refreshed"
 
 
 def nebula_binary() -> str:
@@ -34,7 +40,14 @@ def nebula_binary() -> str:
 def lighthouse_config(authority: Authority, crt: Path, key: Path) -> dict[str, object]:
     settings = authority.settings
     return {
-        "pki": {"ca": str(authority.ca_crt_path), "cert": str(crt), "key": str(key)},
+        "pki": {
+            "ca": str(authority.ca_crt_path),
+            "cert": str(crt),
+            "key": str(key),
+            # Every cluster's revoked certificates: no lighthouse answers, no relay.
+            "blocklist": authority.blocklist(),
+            "disconnect_invalid": True,
+        },
         "static_host_map": {},
         "lighthouse": {"am_lighthouse": True, "interval": 60},
         "listen": {"host": settings.listen_host, "port": settings.listen_port},
@@ -62,7 +75,37 @@ class Lighthouse:
     def _write_config(self) -> None:
         crt, key = self.authority.lighthouse_files()
         # JSON is YAML: no YAML writer needed.
-        self.config_path.write_text(json.dumps(lighthouse_config(self.authority, crt, key)))
+        tmp = self.config_path.with_suffix(".new")
+        tmp.write_text(json.dumps(lighthouse_config(self.authority, crt, key)))
+        tmp.replace(self.config_path)
+
+    async def reload(self, timeout: float = RELOAD_TIMEOUT_S) -> bool:
+        """Rewrite the config (the current blocklist) and SIGHUP; whether Nebula took it.
+
+        A lighthouse that is (re)starting reads the new config when it comes up.
+        """
+        await asyncio.to_thread(self._write_config)
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return False
+        size = self.log_path.stat().st_size if self.log_path.exists() else 0
+        proc.send_signal(signal.SIGHUP)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if _CA_RELOADED in await asyncio.to_thread(self._log_since, size):
+                return True
+            await asyncio.sleep(0.05)
+        log.warning("the lighthouse did not confirm the blocklist reload: %s", self.log_tail(3))
+        return False
+
+    def _log_since(self, offset: int) -> bytes:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read()
+        except OSError:
+            return b""
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         self._write_config()

@@ -3,8 +3,17 @@
 ``install(state)`` at start-up (when ``--overlay-listen`` is given), ``grant_args`` for
 every ``member.start`` (asks the agent for the member's public key first), ``renew_step``
 on a loop (fresh certificates for the members of live clusters, pushed to their agents),
-``release`` when a cluster ends, ``annotate`` for the status. With the overlay off every
-call is a no-op and members use the agents' addresses.
+``release`` when a cluster ends, ``revoke`` when a member leaves a live cluster,
+``annotate`` for the status. With the overlay off every call is a no-op and members use
+the agents' addresses.
+
+Revocation: a holder that leaves (a member lost, failed or stopped; every member and user
+certificate when the cluster ends) has all its unexpired certificates' fingerprints put on
+the cluster's blocklist; the lighthouse reloads the whole list at once and every remaining
+member's agent gets the cluster's full list (``member.overlay_blocklist``). The same loop
+as the renewal (``revoke_step``) catches removals made elsewhere (a member marked lost by
+the watchdog, a restart between the row and the push) and pushes again to agents that
+missed the list.
 
 The renewal runs as a plain loop on every replica (``state.spawn_loop``): the address book
 and CA are this coordinator's files, so a replica renews what it signed.
@@ -33,7 +42,7 @@ from loom.coordinator.overlay.authority import (
 from loom.coordinator.overlay.lighthouse import Lighthouse, nebula_binary
 from loom.core.models import ClusterState, MemberState
 from loom.protocol.api import ClusterOut
-from loom.protocol.commands import MemberOverlayCert, MemberStart
+from loom.protocol.commands import MemberOverlayBlocklist, MemberOverlayCert, MemberStart
 from loom.protocol.messages import Report
 
 log = logging.getLogger(__name__)
@@ -57,6 +66,10 @@ class Overlay:
     task: asyncio.Task[None] | None = None
     #: member id -> whether its agent reported its tunnels going through the relay
     relayed: dict[str, bool] = field(default_factory=dict)
+    #: (node id, cluster id) -> the blocklist that node's agent last confirmed
+    pushed: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    #: the blocklist the lighthouse last confirmed
+    lighthouse_list: tuple[str, ...] = ()
 
 
 def overlay_settings(settings: Settings) -> OverlaySettings | None:
@@ -103,6 +116,7 @@ async def install(state: Any) -> Overlay | None:
     state.hub.on_report("member.overlay", on_overlay_report)
 
     async def renewal() -> None:
+        await revoke_step(state)
         await renew_step(state)
 
     state.spawn_loop("overlay-renewal", renew_interval(config), renewal)
@@ -182,7 +196,7 @@ async def renew_step(state: Any, now: float | None = None) -> list[str]:
     renewed: list[str] = []
     for member_id, node_id, member_state, cluster_id, cluster_state, ends_at in rows:
         if cluster_state not in LIVE_CLUSTERS:
-            release(state, cluster_id)  # missed at teardown (e.g. a restart): free it now
+            await release(state, cluster_id)  # missed at teardown (a restart): revoke now
             continue
         if member_state not in LIVE_MEMBERS:
             continue
@@ -203,12 +217,152 @@ async def renew_step(state: Any, now: float | None = None) -> list[str]:
     return renewed
 
 
-def release(state: Any, cluster_id: str) -> None:
-    """Free the overlay addresses of a cluster that ended."""
+async def release(state: Any, cluster_id: str, now: float | None = None) -> None:
+    """A cluster ended: revoke its members' and users' certificates, free their addresses.
+
+    Its members were stopped (or are unreachable: their Nebula may live on); the
+    lighthouse blocks them, so none can be answered or relayed to anyone.
+    """
     overlay = current(state)
-    if overlay is not None:
-        for member_id in overlay.authority.release_cluster(cluster_id):
-            overlay.relayed.pop(member_id, None)
+    if overlay is None:
+        return
+    gone = overlay.authority.release_cluster(cluster_id, now)
+    for member_id in gone:
+        overlay.relayed.pop(member_id, None)
+    if gone:
+        await push_blocklist(state, cluster_id, now)
+
+
+async def revoke(
+    state: Any, cluster_id: str, holders: list[str], now: float | None = None
+) -> list[str]:
+    """Members (or user certificates) that left a cluster: block their certificates now.
+
+    Returns the fingerprints newly blocked. The lighthouse and every remaining member of
+    the cluster reload the blocklist before this returns (each agent within its timeout).
+    """
+    overlay = current(state)
+    if overlay is None or not holders:
+        return []
+    added = await asyncio.to_thread(overlay.authority.revoke, holders, now)
+    for holder in holders:
+        overlay.relayed.pop(holder, None)
+    if added:
+        log.info("overlay: revoked %d certificate(s) of %s", len(added), ", ".join(holders))
+        await push_blocklist(state, cluster_id, now)
+    return added
+
+
+async def revoke_ended(state: Any, cluster_id: str, now: float | None = None) -> list[str]:
+    """Revoke the cluster's members that are no longer live (lost, released); see revoke.
+
+    User certificates (no member row) stay until the cluster ends.
+    """
+    overlay = current(state)
+    if overlay is None:
+        return []
+    holders = overlay.authority.holders(cluster_id)
+    if not holders:
+        return []
+    async with state.session() as session:
+        rows = (
+            await session.execute(select(Member.id, Member.state).where(Member.id.in_(holders)))
+        ).all()
+    ended = sorted(m for m, st in rows if st not in LIVE_MEMBERS)
+    return await revoke(state, cluster_id, ended, now)
+
+
+async def push_blocklist(state: Any, cluster_id: str, now: float | None = None) -> list[str]:
+    """The cluster's blocklist to the lighthouse and to every live member's agent.
+
+    Returns the members whose Nebula confirmed the reload. An agent that is unreachable
+    or fails is logged and tried again by :func:`revoke_step`.
+    """
+    overlay = current(state)
+    if overlay is None:
+        return []
+    authority = overlay.authority
+    everything = tuple(authority.blocklist(None, now))
+    if everything != overlay.lighthouse_list and await overlay.lighthouse.reload():
+        overlay.lighthouse_list = everything
+    fingerprints = authority.blocklist(cluster_id, now)
+    async with state.session() as session:
+        nodes = sorted(
+            set(
+                (
+                    await session.execute(
+                        select(Member.node_id).where(
+                            Member.cluster_id == cluster_id, Member.state.in_(LIVE_MEMBERS)
+                        )
+                    )
+                ).scalars()
+            )
+        )
+    command = MemberOverlayBlocklist(cluster_id=cluster_id, fingerprints=fingerprints)
+
+    async def one(node_id: str) -> list[str]:
+        try:
+            reply = await state.agents.member_overlay_blocklist(
+                node_id, command, timeout=KEY_TIMEOUT_S
+            )
+        except (AgentNotConnected, CommandFailed) as exc:
+            log.warning("overlay: blocklist of %s to %s failed: %s", cluster_id, node_id, exc)
+            return []
+        overlay.pushed[(node_id, cluster_id)] = tuple(fingerprints)
+        reloaded: list[str] = reply.reloaded
+        return reloaded
+
+    done = await asyncio.gather(*(one(n) for n in nodes))
+    return sorted(m for members in done for m in members)
+
+
+async def revoke_step(state: Any, now: float | None = None) -> None:
+    """Catch up (two queries a tick): revoke holders of live clusters that left, release
+    ended clusters, push each live cluster's blocklist to agents that did not confirm it."""
+    overlay = current(state)
+    if overlay is None:
+        return
+    now = time.time() if now is None else now
+    authority = overlay.authority
+    book = authority.clusters()
+    wanted = sorted(set(book) | set(authority.blocked_clusters(now)))
+    if wanted:
+        async with state.session() as session:
+            states = dict(
+                (
+                    await session.execute(
+                        select(Cluster.id, Cluster.state).where(Cluster.id.in_(wanted))
+                    )
+                ).all()
+            )
+            rows = (
+                await session.execute(
+                    select(Member.id, Member.cluster_id, Member.node_id, Member.state).where(
+                        Member.cluster_id.in_(wanted)
+                    )
+                )
+            ).all()
+        for cluster_id in book:
+            if states.get(cluster_id) not in LIVE_CLUSTERS:
+                await release(state, cluster_id, now)
+                continue
+            holders = set(authority.holders(cluster_id))
+            ended = sorted(
+                m
+                for m, c, _, st in rows
+                if c == cluster_id and m in holders and st not in LIVE_MEMBERS
+            )
+            await revoke(state, cluster_id, ended, now)
+        for cluster_id in authority.blocked_clusters(now):
+            if states.get(cluster_id) not in LIVE_CLUSTERS:
+                continue
+            fingerprints = tuple(authority.blocklist(cluster_id, now))
+            nodes = {n for _, c, n, st in rows if c == cluster_id and st in LIVE_MEMBERS}
+            if any(overlay.pushed.get((n, cluster_id)) != fingerprints for n in nodes):
+                await push_blocklist(state, cluster_id, now)
+    everything = tuple(authority.blocklist(None, now))
+    if everything != overlay.lighthouse_list and await overlay.lighthouse.reload():
+        overlay.lighthouse_list = everything
 
 
 def member_overlay_ip(state: Any, member_id: str) -> str | None:
