@@ -150,6 +150,7 @@ async def test_revocation_blocks_every_certificate_of_a_holder_until_it_expires(
     # A later member of the cluster gets the list in its grant.
     late = authority.grant("c-1", "m-d", None, pub, now + 3 * 3600)
     assert late.blocklist == sorted(blocked)
+    assert late.overlay_ip != first.overlay_ip  # not reused while m-a's certificate lives
     # The cluster's end blocks the rest (user certificates too); a restart keeps the list.
     assert sorted(authority.release_cluster("c-1", now + 3 * 3600)) == ["m-b", "m-d", "u-1"]
     again = Authority(_settings(tmp_path))

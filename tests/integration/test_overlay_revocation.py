@@ -12,7 +12,7 @@ Part 1, as the adversary, with real namespaces and real Nebula (the agent's code
 - ``m-bad`` restarted with the same certificate and key (a supplier who kept them) gets
   no handshake from the head nor from the lighthouse (so no relay either);
 - a member that joins later (``m-late``) has the blocklist in its grant and refuses
-  ``m-bad`` too, while ``m-good`` reaches it.
+  ``m-bad`` (which goes straight to its UDP address) too, while ``m-good`` reaches it.
 
 Part 2, through a real coordinator: a member marked lost produces ``member.overlay_blocklist``
 with that member's certificate fingerprint, to the remaining member's agent only, and
@@ -190,7 +190,8 @@ async def test_a_revoked_member_is_shut_out_by_members_and_lighthouse(tmp_path: 
         hosts = config["static_host_map"]
         assert isinstance(hosts, dict)
         hosts[hip] = [f"{head.net.ns_ip}:{NEBULA_PORT}"]
-        procs.append(_nebula(bad.net, bad.dir / "evil.yml", config))
+        evil = _nebula(bad.net, bad.dir / "evil.yml", config)
+        procs.append(evil)
         assert await _until(bad._tun_ready, 10) is not None
         assert await _until(lambda: _connects(bad.net, hip, 1.0), 10) is None
         for log_path in (head.log_path, lighthouse.log_path):
@@ -203,10 +204,25 @@ async def test_a_revoked_member_is_shut_out_by_members_and_lighthouse(tmp_path: 
         # A member that joins now is protected by its grant alone.
         late = await member("m-late")
         assert late.grant.blocklist == blocked
+        # ... at an address of its own: the revoked one's stays taken until its cert expires.
+        assert late.grant.overlay_ip != bad.grant.overlay_ip
         serve(late)
         lip = late.grant.overlay_ip
         assert await _until(lambda: _connects(good.net, lip), 20) is not None, late.log_tail()
+        # The adversary, told where m-late is, goes straight to it: m-late refuses it.
+        evil.kill()
+        evil.wait()
+        await asyncio.sleep(0.5)  # its tun device goes with it
+        hosts[lip] = [f"{late.net.ns_ip}:{NEBULA_PORT}"]
+        at_late = _size(late.log_path)
+        evil = _nebula(bad.net, bad.dir / "evil.yml", config)
+        procs.append(evil)
+        assert await _until(bad._tun_ready, 10) is not None
         assert await _until(lambda: _connects(bad.net, lip, 1.0), 8) is None
+        since = _text(late.log_path)[at_late:]
+        refusals = [ln for ln in since.splitlines() if "Invalid certificate from host" in ln]
+        assert refusals, since[-1500:]
+        assert all("Name: m-bad" in ln and "has been blocked" in ln for ln in refusals)
     finally:
         for p in procs:
             p.kill()

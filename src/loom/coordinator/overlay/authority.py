@@ -58,6 +58,9 @@ class Revoked:
     cluster: str
     holder: str
     expires: float
+    #: Its overlay address: not given to anyone else before the certificate expires (a
+    #: peer's tunnel to the revoked holder may outlive the revocation for a few seconds).
+    ip: str = ""
 
 
 def fingerprint(crt_pem: str) -> str:
@@ -213,7 +216,9 @@ class Authority:
         except (OSError, ValueError):
             return {}
         return {
-            str(fp): Revoked(str(v["cluster"]), str(v["holder"]), float(v["expires"]))
+            str(fp): Revoked(
+                str(v["cluster"]), str(v["holder"]), float(v["expires"]), str(v.get("ip", ""))
+            )
             for fp, v in raw.items()
             if isinstance(v, dict) and {"cluster", "holder", "expires"} <= v.keys()
         }
@@ -244,6 +249,8 @@ class Authority:
             if entry is not None:
                 return entry.ip
             used = {v.ip for v in self._book.values()}
+            now = time.time()
+            used |= {r.ip for r in self._revoked.values() if r.expires > now}
             first = int(self.net.network_address) + 2  # .1 is the lighthouse
             last = int(self.net.broadcast_address) - 1
             for value in range(first, last + 1):
@@ -273,7 +280,7 @@ class Authority:
                     continue
                 for fp, expires in entry.certs:
                     if expires > now and fp not in self._revoked:
-                        self._revoked[fp] = Revoked(entry.cluster, holder, expires)
+                        self._revoked[fp] = Revoked(entry.cluster, holder, expires, entry.ip)
                         added.append(fp)
             if holders:
                 self._save()
