@@ -16,7 +16,8 @@ Part 1, as the adversary, with real namespaces and real Nebula (the agent's code
 
 Part 2, through a real coordinator: a member marked lost produces ``member.overlay_blocklist``
 with that member's certificate fingerprint, to the remaining member's agent only, and
-its replacement's ``member.start`` grant carries it.
+its replacement's ``member.start`` grant carries it; the owner revokes a user certificate
+(``DELETE /v1/clusters/{ref}/overlay/{name}``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import pytest
 
 from loom.agent.netns import MemberNet, NetnsManager, unavailable_reason
 from loom.agent.overlay import NEBULA_PORT, MemberOverlay, generate_key, member_config
-from loom.client.sdk import LoomClient
+from loom.client.sdk import LoomAPIError, LoomClient
 from loom.coordinator.agent_client import AgentClient
 from loom.coordinator.config import Settings
 from loom.coordinator.loops.cluster_events import member_lost
@@ -329,3 +330,40 @@ def test_a_lost_member_is_revoked_to_the_remaining_members(
     everything = overlay.authority.blocklist()
     assert len(everything) == 3 and expected[0] in everything
     assert json.loads(overlay.lighthouse.config_path.read_text())["pki"]["blocklist"] == everything
+
+
+@nebula
+def test_the_owner_revokes_a_user_certificate(
+    coordinator: CoordinatorThread, client: LoomClient, agents: FakeAgents, tmp_path: Path
+) -> None:
+    side = coordinator.state.agents
+    assert isinstance(side, AgentSide)
+    client.request("POST", "/v1/credits/deposit", json={"amount": "1000"})
+    node = agents.add("a0", price="0.1")
+    coordinator.run_coro(force_available(coordinator.state.sessions, [node.node_id]))
+    client.create_cluster({"name": "u", "nodes": 1, "resources": {"cpus": 1}})
+    cluster = client.wait_cluster("u", timeout=30)
+    assert cluster.state == "running", cluster.reason
+    pub = generate_key(tmp_path / "user")
+    raw = client.request("POST", f"/v1/clusters/{cluster.id}/overlay", json={"public_key": pub})
+    grant = OverlayGrant.model_validate(raw.json())
+    crt = tmp_path / "user.crt"
+    crt.write_text(grant.crt)
+    printed = subprocess.run(
+        ["nebula-cert", "print", "-json", "-path", str(crt)], capture_output=True, text=True
+    ).stdout
+    name = json.loads(printed)["details"]["name"]
+    gone = client.request("DELETE", f"/v1/clusters/u/overlay/{name}").json()
+    assert gone == {"name": name, "fingerprints": [fingerprint(grant.crt)]}
+    # The cluster's member was told; the lighthouse blocks it too.
+    assert side.blocklists == [
+        (node.node_id, {"cluster_id": cluster.id, "fingerprints": [fingerprint(grant.crt)]})
+    ]
+    overlay = current(coordinator.state)
+    assert overlay is not None and overlay.lighthouse_list == (fingerprint(grant.crt),)
+    # Twice, a member's id, or nonsense: a clear 404, nothing revoked.
+    for bad in (name, cluster.members[0].id, "u-nothing"):
+        with pytest.raises(LoomAPIError) as err:
+            client.request("DELETE", f"/v1/clusters/u/overlay/{bad}")
+        assert err.value.status == 404 and "user certificate" in err.value.message
+    assert len(side.blocklists) == 1

@@ -176,3 +176,13 @@ class OverlayJoin(BaseModel):
     @classmethod
     def _key(cls, value: str) -> str:
         return check_public_key(value)
+
+
+class OverlayRevoked(BaseModel):
+    """``DELETE /v1/clusters/{ref}/overlay/{name}``: the certificates now blocked."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    #: Fingerprints newly on the cluster's blocklist (the user's unexpired certificates).
+    fingerprints: list[str] = Field(default_factory=list)

@@ -5,6 +5,10 @@ public key (generated on the user's machine, which keeps the private key); the a
 certificate for it carrying the cluster's group, so the members' firewalls admit it:
 ``loom cluster connect`` then reaches the head directly. Its address comes from the same
 book as the members' and is freed with them; it lives as long as a member's certificate.
+
+``DELETE /v1/clusters/{ref}/overlay/{name}`` (owner only) revokes a user certificate before
+it expires: ``name`` is the certificate's own (``u-…``, ``nebula-cert print``); its
+fingerprint joins the cluster's blocklist, pushed to the lighthouse and every member.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import secrets
 from fastapi import APIRouter
 
 from loom.coordinator.api.deps import CallerDep, SessionDep, StateDep
-from loom.coordinator.errors import Conflict
-from loom.coordinator.overlay.service import current
+from loom.coordinator.errors import Conflict, NotFound
+from loom.coordinator.overlay.service import Overlay, current, revoke
 from loom.coordinator.services import clusters as cluster_service
-from loom.protocol.overlay import OverlayGrant, OverlayJoin
+from loom.protocol.overlay import OverlayGrant, OverlayJoin, OverlayRevoked
 
 router = APIRouter(prefix="/v1", tags=["clusters"])
+#: User certificates' names (members' are their ids, ``m-…``).
+USER_PREFIX = "u-"
 
 
 @router.post("/clusters/{ref}/overlay", response_model=OverlayGrant)
@@ -29,6 +35,35 @@ async def user_certificate(
 ) -> OverlayGrant:
     """A certificate that joins this machine to the cluster's overlay (owner only)."""
     cluster = await cluster_service.get_cluster(session, caller, ref)
+    overlay = _overlay(state)
+    if cluster.state != "running":
+        raise Conflict("cluster_not_running", f"cluster {cluster.name} is {cluster.state}")
+    name = f"{USER_PREFIX}{secrets.token_hex(5)}"
+    return await asyncio.to_thread(
+        overlay.authority.grant, cluster.id, name, cluster.expires_at, body.public_key
+    )
+
+
+@router.delete("/clusters/{ref}/overlay/{name}", response_model=OverlayRevoked)
+async def drop_user_certificate(
+    ref: str, name: str, session: SessionDep, state: StateDep, caller: CallerDep
+) -> OverlayRevoked:
+    """Revoke one of this cluster's user certificates now (owner only)."""
+    cluster = await cluster_service.get_cluster(session, caller, ref)
+    overlay = _overlay(state)
+    entry = overlay.authority.entry(name)
+    if not name.startswith(USER_PREFIX) or entry is None or entry.cluster != cluster.id:
+        raise NotFound(
+            "overlay_certificate_not_found",
+            f"cluster {cluster.name} has no user certificate {name[:80]!r} (the name is the "
+            "certificate's own, u-…, as `nebula-cert print` shows it; already revoked ones "
+            "are gone)",
+        )
+    blocked = await revoke(state, cluster.id, [name])
+    return OverlayRevoked(name=name, fingerprints=blocked)
+
+
+def _overlay(state: object) -> Overlay:
     overlay = current(state)
     if overlay is None:
         raise Conflict(
@@ -36,9 +71,4 @@ async def user_certificate(
             "this coordinator runs no overlay (start it with --overlay-listen); "
             "use `loom cluster forward` instead",
         )
-    if cluster.state != "running":
-        raise Conflict("cluster_not_running", f"cluster {cluster.name} is {cluster.state}")
-    name = f"u-{secrets.token_hex(5)}"
-    return await asyncio.to_thread(
-        overlay.authority.grant, cluster.id, name, cluster.expires_at, body.public_key
-    )
+    return overlay
