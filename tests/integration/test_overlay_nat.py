@@ -274,6 +274,7 @@ def test_three_homes_behind_nat_form_one_cluster(
         out = connect_log.read_text(errors="replace")
         assert "on the overlay of nat" in out, out
         assert joined.returncode == 0, out
+        assert "left the overlay; certificate u-" in out and "revoked" in out, out  # at once
         assert "loom-user" not in sh("ip", "-n", topology.user, "link", "show")  # it left
         assert client.delete_cluster("nat").state == "terminated"
     finally:

@@ -23,8 +23,8 @@ from typing import Annotated
 
 import typer
 
-from loom.client.cli.common import EXIT_API, client_for, console, fail
-from loom.client.sdk import LoomAPIError
+from loom.client.cli.common import EXIT_API, client_for, console, fail, globals_from
+from loom.client.sdk import LoomAPIError, LoomClient, LoomError
 from loom.protocol.overlay import OverlayGrant, OverlayJoin
 
 TUN_DEVICE = "loom-user"
@@ -109,6 +109,40 @@ def connect(
                     proc.wait(5)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+            _revoke(ctx, cluster.id, d / "user.crt")
+
+
+def _revoke(ctx: typer.Context, cluster_id: str, crt: Path) -> None:
+    """Leaving: the coordinator revokes this machine's certificate at once (its fingerprint
+    joins the cluster's blocklist), instead of leaving it valid until it expires. Best
+    effort: the private key is deleted with the temporary directory either way."""
+    name = _cert_name(crt)
+    if name is None:
+        return
+    try:  # not client_for: a failure here is a warning, not the command's exit status
+        with LoomClient.from_config(globals_from(ctx).config()) as loom:
+            loom.request("DELETE", f"/v1/clusters/{cluster_id}/overlay/{name}")
+    except (LoomError, OSError) as exc:
+        console.print(
+            f"[yellow]could not revoke the certificate {name} now ({exc}); it expires on its own[/]"
+        )
+    else:
+        console.print(f"left the overlay; certificate {name} revoked")
+
+
+def _cert_name(crt: Path) -> str | None:
+    done = subprocess.run(
+        ["nebula-cert", "print", "-json", "-path", str(crt)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    try:
+        name = json.loads(done.stdout)["details"]["name"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and name else None
 
 
 def _keygen(d: Path) -> str:
