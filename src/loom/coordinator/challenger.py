@@ -64,6 +64,11 @@ from loom.protocol.messages import CLOSE_BANNED, Report
 
 log = logging.getLogger(__name__)
 
+#: Challenges one replica runs at once (each holds a database session at its end and may
+#: verify openings in a thread); the rest wait their turn, their timing unaffected (a
+#: challenge's clock starts when it is sent).
+CONCURRENT_CHALLENGES = 64
+
 #: Keep each openings answer well under the 1 MiB frame limit.
 OPENINGS_BATCH_BYTES = 256 * 1024
 
@@ -156,6 +161,9 @@ class Challenger:
         self._busy_devices: set[str] = set()
         self._node_tasks: dict[str, asyncio.Task[None]] = {}
         self._host_locks: dict[str, asyncio.Lock] = {}
+        #: At most this many challenges at once on this replica: a storm of new nodes
+        #: queues here instead of opening thousands of sessions (and verifications) at once.
+        self._slots = asyncio.Semaphore(CONCURRENT_CHALLENGES)
         self.durations: dict[str, float] = {}
         self.last_tick: float | None = None
 
@@ -357,7 +365,7 @@ class Challenger:
                 cls = vsvc.device_class_for(dev, self.config) if dev is not None else None
                 if dev is None or cls is None:
                     continue
-                async with lock:
+                async with lock, self._slots:
                     conn = self.state.hub.connections.get(node_id)
                     if conn is None or conn.closed:
                         return

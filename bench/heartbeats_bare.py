@@ -1,0 +1,161 @@
+"""Benchmark: the floor under bench/heartbeats.py — the same server stack with no app.
+
+Run: .venv/bin/python bench/heartbeats_bare.py [--agents 1000] [--rate 5000] [--duration 10]
+
+A bare ASGI app under uvicorn with the coordinator's own server settings (``loom
+coordinator serve``: the same WebSocket implementation, no permessage-deflate, pings every
+20 s) speaks just enough of the agent protocol for the fleet of bench/heartbeats_fleet.py:
+hello with a nonce → auth (read, not checked) → welcome, then a ``heartbeat_ack`` per
+heartbeat (parsed with ``json``). No database, no signatures, no buffer, no loops. Its CPU
+per beat is what uvicorn, the websockets library, asyncio and the kernel cost per beat on
+this machine; the coordinator's figure minus this one is the application's own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from heartbeats import cpu_seconds, free_port, raise_nofile
+from heartbeats_fleet import Agent, Beater, Stats, handshake, pct, receive
+from loom.protocol.identity import KeyPair, binding_message
+
+Scope = dict[str, Any]
+
+
+async def bare_app(scope: Scope, receive_: Any, send: Any) -> None:
+    """The agent socket with nothing behind it."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive_()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "websocket":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        return
+    await receive_()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    hello = {"type": "hello", "protocol": 1, "min_protocol": 1, "nonce": os.urandom(32).hex()}
+    await send({"type": "websocket.send", "text": json.dumps(hello)})
+    await receive_()  # auth: not checked
+    welcome = {"type": "welcome", "node_id": "bare", "heartbeat_interval_s": 5.0, "state": "x"}
+    await send({"type": "websocket.send", "text": json.dumps(welcome)})
+    while True:
+        message = await receive_()
+        if message["type"] == "websocket.disconnect":
+            return
+        beat = json.loads(message.get("text") or "{}")
+        ack = f'{{"type":"heartbeat_ack","seq":{int(beat.get("seq", 0))}}}'
+        await send({"type": "websocket.send", "text": ack})
+
+
+def serve(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        bare_app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ws_max_size=1 << 20,
+        ws_per_message_deflate=False,
+        ws_ping_interval=20,
+        ws_ping_timeout=20,
+        access_log=False,
+    )
+
+
+async def run(args: argparse.Namespace, proc: subprocess.Popen[bytes], port: int) -> None:
+    try:
+        url = f"ws://127.0.0.1:{port}/v1/agent/ws"
+        for _ in range(100):
+            try:
+                _r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        stats = Stats()
+        beater = Beater(stats)
+        owner = KeyPair.generate()
+        agents = []
+        for _ in range(args.agents):
+            node = KeyPair.generate()
+            binding = owner.sign(binding_message(node.public_hex)).hex()
+            agents.append(Agent(node=node, owner=owner, binding_sig=binding))
+        beater_task = asyncio.create_task(beater.run())
+        sem = asyncio.Semaphore(200)
+        receivers = []
+
+        async def join(agent: Agent) -> None:
+            async with sem:
+                await handshake(agent, url, stats)
+            receivers.append(asyncio.create_task(receive(agent, stats)))
+            beater.agents.append(agent)
+
+        cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+        await asyncio.gather(*(join(a) for a in agents))
+        reg_s, reg_cpu = time.perf_counter() - t0, cpu_seconds(proc.pid) - cpu0
+        beater.per_agent_interval_s = args.agents / args.rate
+        await asyncio.sleep(args.warmup)
+        start = time.perf_counter()
+        stats.window = (start, start + args.duration)
+        stats.tick_lag_ms.clear()
+        cpu0, client0 = cpu_seconds(proc.pid), time.process_time()
+        await asyncio.sleep(args.duration)
+        cpu = cpu_seconds(proc.pid) - cpu0
+        client = (time.process_time() - client0) / args.duration
+        achieved = stats.acks_in_window / args.duration
+        beater.running = False
+        await beater_task
+        print(
+            f"bare server, {args.agents:,} agents: {reg_s:.1f} s to connect "
+            f"({1000 * reg_cpu / args.agents:.2f} ms server CPU each); {achieved:,.0f} acks/s "
+            f"(target {args.rate:,}), p50 {pct(stats.rtts_ms, 0.5):.1f} ms, p99 "
+            f"{pct(stats.rtts_ms, 0.99):.1f} ms; server CPU {100 * cpu / args.duration:.0f} % "
+            f"= {1e6 * cpu / max(achieved * args.duration, 1):.0f} µs/beat; bench client "
+            f"{100 * client:.0f} %, its loop lag p99 {pct(stats.tick_lag_ms, 0.99):.1f} ms; "
+            f"load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+        for agent in agents:
+            if agent.ws is not None:
+                await agent.ws.close()
+        for task in receivers:
+            task.cancel()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--rate", type=int, default=5000)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
+    raise_nofile()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])
+    asyncio.run(run(args, proc, port))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
