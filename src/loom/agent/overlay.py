@@ -384,7 +384,10 @@ class MemberOverlay:
 
     @property
     def relayed(self) -> bool:
-        return any(self.peers.values())
+        """All of this member's tunnels go through the relay (its NAT let none be punched).
+        A member with a direct tunnel to some peer is not: only its tunnels to a relayed
+        peer are, and that peer reports itself relayed."""
+        return bool(self.peers) and all(self.peers.values())
 
     def watch(self, report: ReportFn, member_id: str) -> None:
         """Report ``member.overlay`` {member_id, relayed, peers} whenever it changes."""
