@@ -102,6 +102,10 @@ class Registrar:
                     item.future.cancel()
 
     async def _write(self, items: list[_Item]) -> None:
+        # Rows locked in id order (a stable sort: one agent's handshakes keep their order,
+        # the later one claiming the later epoch), as the ORM's flush orders its updates:
+        # two batches, here or on another replica, never wait on each other in a cycle.
+        items = sorted(items, key=lambda i: i.reg.node_id)
         try:
             async with self.state.session() as session:
                 outcomes = await self._register_all(session, items)
