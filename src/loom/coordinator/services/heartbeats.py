@@ -107,14 +107,14 @@ class HeartbeatBuffer:
         rows = [
             {"b_id": node_id, "b_at": p.at, "b_n": p.count, "b_load": p.load_json}
             | ({"b_epoch": epochs[node_id]} if fence is not None else {})
-            for node_id, p in pending.items()
+            for node_id, p in sorted(pending.items())  # id order, as every multi-row writer
         ]
         try:
             conn = await session.connection()
             await conn.execute(stmt, rows)
             if fence is not None:
                 await sessions.touch_many(
-                    session, fence[0], {n: (epochs[n], p.at) for n, p in pending.items()}
+                    session, fence[0], {n: (epochs[n], p.at) for n, p in sorted(pending.items())}
                 )
             await session.commit()
         except BaseException:
