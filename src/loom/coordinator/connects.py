@@ -135,7 +135,7 @@ async def _guarded(fn: Callable[[list[str]], Awaitable[None]], ids: list[str]) -
 
 
 async def activate_many(state: CoordinatorState, node_ids: Sequence[str]) -> None:
-    """``services.lifecycle.activate_on_connect`` for many nodes, in one transaction.
+    """What happens to connected nodes, many in one transaction (the state machine's entry).
 
     A node that is registering or back from offline/drained goes ``verifying`` when its CPU
     is not verified or a device is only claimed (the challenger takes it from there), else

@@ -60,8 +60,6 @@ class CoordinatorState:
     clusters_wake: Wake = field(default_factory=Wake)
     #: One heartbeat flush at a time (the flusher loop and the watchdog both flush).
     flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    #: At most this many handshakes write to the database at once.
-    handshake_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
     started_at: float = 0.0
     #: The long-lived placement index (``placement_index``), set up by the app factory.
     placement: PlacementIndex | None = None

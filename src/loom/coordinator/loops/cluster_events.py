@@ -24,7 +24,6 @@ from sqlalchemy import select
 
 from loom.coordinator import ray_peers
 from loom.coordinator.db.models import Cluster, Member, Node
-from loom.coordinator.hub import AgentNotConnected, CommandFailed
 from loom.coordinator.services import clusters as cluster_service
 from loom.coordinator.state import CoordinatorState
 from loom.core.models import ClusterState, MemberState, NodeState
@@ -97,20 +96,3 @@ async def on_node_offline(state: CoordinatorState, node_id: str) -> None:
     why = "was drained (its supplier stopped the agent)" if drained else "went offline"
     for member_id in member_ids:
         await member_lost(state, member_id, f"node {node_id} {why}")
-
-
-async def on_node_connected(state: CoordinatorState, node_id: str) -> None:
-    """Tell a (re)connecting agent which members it should be running; it stops the rest."""
-    async with state.session() as session:
-        rows = await session.execute(
-            select(Member.id).where(
-                Member.node_id == node_id, Member.state.in_(cluster_service.LIVE_MEMBER)
-            )
-        )
-        wanted = list(rows.scalars())
-    if not state.agents.reachable(node_id):
-        return
-    try:
-        await state.agents.member_sync(node_id, wanted)
-    except (AgentNotConnected, CommandFailed) as exc:
-        log.warning("member.sync with %s failed: %s", node_id, exc)
