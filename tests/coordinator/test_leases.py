@@ -26,7 +26,8 @@ from loom.coordinator.loops.cluster_work import ClusterWork
 from loom.coordinator.loops.clusters import ClusterLoop
 from loom.coordinator.loops.explorer import ExplorerState, sample_step
 from loom.coordinator.loops.settlement import run_settlement
-from loom.coordinator.loops.watchdog import watchdog_step
+from loom.coordinator.loops.watchdog import LIVENESS, watchdog_step
+from loom.coordinator.replicas import sessions as agent_sessions
 from loom.coordinator.services import billing, ledger
 from loom.coordinator.state import CoordinatorState
 from loom.core import ledger as core
@@ -520,6 +521,43 @@ async def test_one_watchdog_judges_and_takes_each_silent_node_offline_once(
     assert sorted(item for item, action, _ in audit if action.startswith("offline@")) == [
         f"n-{i:04d}" for i in range(4)
     ]
+
+
+async def test_each_replica_judges_its_own_agents_and_none_judges_a_live_replicas(
+    replicas: tuple[CoordinatorState, CoordinatorState],
+) -> None:
+    """The judge never takes offline an agent a *live* replica holds (its flush may only
+    lag: 59-271 live agents were closed that way in a two-replica bench); that replica
+    judges it itself, from memory; once the replica is gone, the judge does, after grace."""
+    a, b = replicas
+    await _seed_running(a.sessions, 3)
+    async with a.sessions() as s:
+        await s.execute(update(Node).values(state="available", last_heartbeat_at=T0))
+        for i, holder in enumerate(("r-a", "r-b", "r-b")):
+            await agent_sessions.claim(s, f"n-{i:04d}", holder, T0)
+        await s.commit()
+    # r-b heard from n-0002 a moment ago (its flush is behind): only n-0001 is silent to it.
+    b.hub.heartbeats.record("n-0002", T0 + 99, "{}")
+    now = T0 + 100  # the database says: every node silent for 100 s (timeout 15 s)
+    # Both replicas are alive: each renewed its liveness at its last step, a second ago.
+    async with a.sessions() as s:
+        for r in ("r-a", "r-b"):
+            assert await leases.claim_role(s, LIVENESS + r, r, now - 1, 10.0) is not None
+        await s.commit()
+    went = await asyncio.gather(watchdog_step(a, now), watchdog_step(b, now))
+    # Whichever holds the judge's role, each takes only its own silent agent offline.
+    assert went == [["n-0000"], ["n-0001"]], went
+    async with a.sessions() as s:
+        states = {i: st for i, st in (await s.execute(select(Node.id, Node.state))).all()}
+    assert states == {"n-0000": "offline", "n-0001": "offline", "n-0002": "available"}
+    # r-b dies (its steps stop). While its liveness lasts, nobody judges its agent...
+    assert await watchdog_step(a, now + 5) == []
+    # ... then the judge does, once the per-session grace since the last sign has passed.
+    later = now + 200
+    assert await watchdog_step(a, later) == ["n-0002"]
+    audit = await _audit(a.sessions)
+    offline = Counter(item for item, action, _ in audit if action.startswith("offline@"))
+    assert offline == {"n-0000": 1, "n-0001": 1, "n-0002": 1}
 
 
 async def test_two_settlers_racing_pay_each_period_once(

@@ -290,6 +290,29 @@ async def renew_role(session: AsyncSession, lease: Lease, *, now: float, ttl_s: 
     return Lease(ROLE, lease.item_id, lease.owner, lease.token, now + ttl_s)
 
 
+async def live_roles(session: AsyncSession, names: list[str], now: float) -> set[str]:
+    """Which of the roles ``names`` someone holds unexpired at ``now`` (bounded chunks)."""
+    t = _role_table()
+    live: set[str] = set()
+    for start in range(0, len(names), 500):
+        rows = await session.execute(
+            select(t.c.name).where(
+                t.c.name.in_(names[start : start + 500]), t.c.owner != "", t.c.expires_at >= now
+            )
+        )
+        live.update(str(name) for name in rows.scalars())
+    return live
+
+
+async def purge_roles(session: AsyncSession, prefix: str, before: float) -> int:
+    """Delete the roles named ``prefix…`` that expired before ``before`` (ids gone)."""
+    t = _role_table()
+    result = await session.execute(
+        delete(t).where(t.c.name.startswith(prefix, autoescape=True), t.c.expires_at < before)
+    )
+    return _rowcount(result)
+
+
 async def release_role(session: AsyncSession, lease: Lease) -> bool:
     t = _role_table()
     result = await session.execute(

@@ -4,10 +4,18 @@ A reconciler: flush what we observed (buffered heartbeats), read the facts from 
 database, decide, act, record. Idempotent. Each node is isolated (a savepoint each;
 errors counted in ``loom_loop_item_errors_total``).
 
-Every replica flushes the heartbeats it received; one judges at a time: the holder of the
-``watchdog`` role lease (``loom.coordinator.leases``), claimed in the judging transaction
-itself (the role row stays locked until it commits), each node taken offline recorded in
-``lease_audit``. A judge that dies is replaced once its role expired.
+Every replica flushes the heartbeats it received, and says it is alive: each step renews
+its own ``replica:<id>`` role lease. Who judges whom:
+
+- a replica judges the agents whose session it holds itself, at the plain timeout, with
+  its own memory of their last beat (exact, however far its flush lags);
+- the holder of the ``watchdog`` role lease (``loom.coordinator.leases``), claimed in the
+  judging transaction itself, also judges the nodes without a session and those whose
+  replica is gone (its ``replica:`` lease expired), after the per-session grace; it never
+  judges an agent held by a live replica, whose database rows may only be behind.
+
+Each node taken offline is recorded in ``lease_audit``. A judge that dies is replaced once
+its role expired.
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ from loom.core.models import NodeState
 from loom.protocol.messages import CLOSE_STALE
 
 ROLE = "watchdog"
+#: Each replica's liveness: the role ``replica:<id>``, renewed by its every watchdog step.
+LIVENESS = "replica:"
+#: Expired liveness rows (replicas gone, ids that will not come back) are kept this long.
+LIVENESS_KEEP_S = 86_400.0
 
 _WATCHED = (
     NodeState.REGISTERING.value,
@@ -57,18 +69,21 @@ async def watchdog_step(state: CoordinatorState, now: float | None = None) -> li
         # Just (re)started: agents have not had a full timeout to reconnect yet, and a
         # node is not dead because *we* were down. Judge nobody until then.
         return went_offline
+    me = state.settings.replica_id
     async with state.session() as session:
         role_ttl = max(10.0, 5 * state.settings.watchdog_interval_s)
-        lease = await leases.claim_role(session, ROLE, state.settings.replica_id, now, role_ttl)
-        if lease is None:  # another replica judges
-            await session.commit()
-            return went_offline
+        alive = await leases.claim_role(session, LIVENESS + me, me, now, role_ttl)
+        await session.commit()  # the liveness row is never held locked while judging
+        lease = await leases.claim_role(session, ROLE, me, now, role_ttl)
         stmt = select(Node).where(Node.state.in_(_WATCHED), Node.last_heartbeat_at < cutoff)
+        if lease is None:  # not the judge: only the agents whose session this replica holds
+            stmt = stmt.where(Node.id.in_(agent_sessions.held_here(me)))
         if session.bind is not None and session.bind.dialect.name == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True)
         candidates = list((await session.execute(stmt)).scalars())
         held = await agent_sessions.holders(session, [n.id for n in candidates])
-        me = state.settings.replica_id
+        others = {h.replica_id for h in held.values() if h.replica_id != me}
+        live = await leases.live_roles(session, [LIVENESS + r for r in sorted(others)], now)
         for node in candidates:
             seen = state.hub.heartbeats.last_seen(node.id)
             if seen is not None and seen >= cutoff:
@@ -77,6 +92,12 @@ async def watchdog_step(state: CoordinatorState, now: float | None = None) -> li
                 continue
             node_id = node.id
             holder = held.get(node_id)
+            mine = holder is not None and holder.replica_id == me
+            if holder is not None and not mine and LIVENESS + holder.replica_id in live:
+                continue  # a live replica holds it: that replica judges it, from memory
+            judge = lease if not mine else (lease or alive)
+            if judge is None:
+                continue  # not ours, and another replica holds the judge's role
             if holder is not None and agent_sessions.in_grace(
                 holder, me, node.last_heartbeat_at, now, state.settings.heartbeat_timeout_s,
                 state.settings.restart_grace_s,
@@ -95,11 +116,13 @@ async def watchdog_step(state: CoordinatorState, now: float | None = None) -> li
                     )
                     node.connected_since = None
                     leases.audit_role(
-                        session, lease, action=f"offline@{now:.3f}", item_id=node_id, now=now
+                        session, judge, action=f"offline@{now:.3f}", item_id=node_id, now=now
                     )
                 went_offline.append(node_id)
-        async with isolated("watchdog", "nonces"), session.begin_nested():
-            await auth_service.purge_nonces(session, now)
+        if lease is not None:
+            async with isolated("watchdog", "nonces"), session.begin_nested():
+                await auth_service.purge_nonces(session, now)
+                await leases.purge_roles(session, LIVENESS, now - LIVENESS_KEEP_S)
         await session.commit()
     for node_id in went_offline:
         async with isolated("watchdog", node_id):

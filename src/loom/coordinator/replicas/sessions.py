@@ -14,7 +14,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import ColumnElement, Executable, Table, and_, bindparam, exists, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Executable,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    exists,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import BindParameter
@@ -130,6 +140,11 @@ def in_grace(
         return False
     last = max(last_beat or 0.0, held.last_seen)
     return now - last < timeout_s + grace_s
+
+
+def held_here(replica_id: str) -> Select[tuple[str]]:
+    """A subquery of the node ids whose session ``replica_id`` holds."""
+    return select(TABLE.c.node_id).where(TABLE.c.replica_id == replica_id)
 
 
 async def holders(session: AsyncSession, node_ids: Iterable[str]) -> dict[str, Holder]:
