@@ -61,6 +61,7 @@ class NatsBus(EventBus):
         ``link.start``)."""
         self._queue = asyncio.Queue(MAX_QUEUED)
         self._sub = await self.link.nc.subscribe(SUBJECT_PREFIX + ">", cb=self._on_message)
+        await self.link.registered()  # no event published after start() is missed
         self._sender = asyncio.create_task(self._send_loop(), name="bus-sender")
 
     async def close(self) -> None:

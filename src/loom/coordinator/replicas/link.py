@@ -141,6 +141,15 @@ class NatsLink:
             raise BusUnavailable("the NATS link is not started")
         return self._nc
 
+    async def registered(self) -> None:
+        """A round trip to the server, after subscribing: the subscriptions made so far are
+        registered there, so nothing another replica publishes from now on is missed.
+        (A link that is down resubscribes when it reconnects.)"""
+        try:
+            await self.nc.flush(timeout=5)
+        except Exception as exc:  # best effort: the link reports its own state
+            log.debug("flush after subscribing failed: %s", exc)
+
     @property
     def shown(self) -> str:
         """The URL as it may be logged: no password, no token."""

@@ -80,6 +80,7 @@ class CommandResponder:
         self._sub = await self.link.nc.subscribe(
             command_subject(self.link.replica_id), cb=self._on_request
         )
+        await self.link.registered()
 
     async def close(self) -> None:
         if self._sub is not None:

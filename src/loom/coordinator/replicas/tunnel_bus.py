@@ -77,6 +77,7 @@ class TunnelBus:
             await nc.subscribe(_subject(me, "to"), cb=self._serve_to),
             await nc.subscribe(_subject(me, "back"), cb=self._serve_back),
         ]
+        await self.link.registered()
 
     async def close(self) -> None:
         for sub in self._subs:
