@@ -14,18 +14,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+
+from support.background import Background
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PLACEHOLDERS = ("URL", "HEAD", "JOB_ID")
@@ -77,49 +77,6 @@ def commands(block: Block) -> list[str]:
 def bare(line: str) -> str:
     """A command without its trailing comment, for matching expectations."""
     return re.sub(r"\s+#.*$", "", line).strip()
-
-
-@dataclass
-class Background:
-    proc: subprocess.Popen[str]
-    output: list[str] = field(default_factory=list)
-
-    def start_reader(self) -> None:
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.output.append(line)
-
-        threading.Thread(target=read, daemon=True).start()
-
-    def text(self) -> str:
-        return "".join(self.output)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.text())
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                time.sleep(0.5)
-                m = re.search(pattern, self.text())
-                if m:
-                    return m
-                pytest.fail(
-                    f"exited with {self.proc.returncode} before {pattern!r}:\n{self.text()}"
-                )
-            time.sleep(0.3)
-        pytest.fail(f"no {pattern!r} within {timeout:.0f} s:\n{self.text()[-3000:]}")
-
-    def stop(self, timeout: float = 60.0) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 def _json(out: str) -> object:

@@ -24,7 +24,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ import asyncpg
 import pytest
 
 from loom.launcher import free_port
+from support.background import Background
 from support.db import DEFAULT_PG, backend, is_postgres
 from support.nats import needs_nats
 
@@ -79,40 +79,6 @@ def fresh_db() -> Iterator[str]:
         yield f"{PG_SERVER}/{name}"
     finally:
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-class Output:
-    """A background process's output, read as it comes."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def text(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.text())
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                time.sleep(0.5)
-                break
-            time.sleep(0.3)
-        m = re.search(pattern, self.text())
-        if m:
-            return m
-        pytest.fail(
-            f"no {pattern!r} from `loom up` (rc {self.proc.poll()}):\n{self.text()[-4000:]}"
-        )
 
 
 def _children() -> dict[int, list[int]]:
@@ -193,7 +159,8 @@ def test_loom_up_replicas_serves_a_cluster_and_stops_clean(fresh_db: str, tmp_pa
         text=True,
         start_new_session=True,
     )
-    out = Output(up)
+    out = Background(up)
+    out.start_reader()
     network: dict[int, tuple[int, str]] = {}
     try:
         started = time.monotonic()
