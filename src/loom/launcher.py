@@ -127,13 +127,14 @@ class LocalNetwork:
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         if self.replicas > 1:
-            # One network, several coordinators: one PostgreSQL, NATS between them. The
-            # overlay's lighthouse is per coordinator: off here (members use the host).
+            # One network, several coordinators: one PostgreSQL, NATS between them. Each
+            # replica runs a lighthouse of the one overlay (its own UDP port); they share
+            # the CA through $LOOM_HOME/overlay (r1 creates it).
             self.replica_ports = [self.port] + [
                 free_port(self.host) for _ in range(1, self.replicas)
             ]
             for i, port in enumerate(self.replica_ports):
-                cmd = [*self._serve_cmd(port), "--replica-id", f"r{i + 1}"]
+                cmd = [*self._serve_cmd(port), "--replica-id", f"r{i + 1}", *overlay_options()]
                 # The bus URL (it may hold a password) and the credentials file go in the
                 # environment, not on command lines every local user can read.
                 env = self._env() | {"LOOM_BUS": self.bus_url}

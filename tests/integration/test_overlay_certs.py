@@ -164,7 +164,8 @@ def test_keys_stay_with_agents_and_certificates_renew_while_the_cluster_lives(
     assert len(side.renewals) == pushed
     overlay = current(coordinator.state)
     assert overlay is not None
-    assert all(overlay.authority.address_of(m.id) is None for m in cluster.members)
+    book = overlay.book
+    assert all(coordinator.run_coro(book.address_of(m.id)) is None for m in cluster.members)
 
 
 def test_user_certificate_is_for_the_users_own_key(

@@ -225,11 +225,10 @@ def test_cut_worker_is_replaced_and_the_job_keeps_going(
             # every remaining member's Nebula (through its real agent) reloaded the list.
             overlay = current(coordinator.state)
             assert overlay is not None
-            blocked = overlay.authority.blocklist(cluster.id)
+            blocked = coordinator.run_coro(overlay.book.blocklist(cluster.id))
             assert blocked and overlay.lighthouse_list == tuple(blocked)
-            assert all(
-                getattr(overlay.authority.revoked(f), "holder", "") == victim.id for f in blocked
-            )
+            holders = [coordinator.run_coro(overlay.book.revoked(f)) for f in blocked]
+            assert all(getattr(r, "holder", "") == victim.id for r in holders)
             reloaded = coordinator.run_coro(push_blocklist(coordinator.state, cluster.id))
             assert reloaded == sorted(m.id for m in healed.members if m.state == "ready")
             assert any(m.id == head.id and m.state == "ready" for m in healed.members)

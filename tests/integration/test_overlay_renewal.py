@@ -15,6 +15,7 @@ expires (the agent swaps the file, SIGHUP); m4 is not. Across the old certificat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import secrets
 import shutil
@@ -27,9 +28,7 @@ import pytest
 
 from loom.agent.netns import MemberNet, NetnsManager, unavailable_reason
 from loom.agent.overlay import MemberOverlay, generate_key
-from loom.coordinator.overlay.authority import Authority, OverlaySettings
-from loom.coordinator.overlay.lighthouse import Lighthouse
-from support.servers import free_port
+from support.overlay_book import standalone_overlay
 
 pytestmark = [
     pytest.mark.slow,
@@ -94,19 +93,11 @@ async def _until(check: object, timeout: float) -> bool:
 
 
 async def test_a_renewed_certificate_is_used_across_the_old_ones_expiry(tmp_path: Path) -> None:
-    udp = free_port()
-    authority = Authority(
-        OverlaySettings(
-            listen=f"0.0.0.0:{udp}",  # as `loom up` does: members reach it via their veth
-            advertise=f"127.0.0.1:{udp}",
-            network="10.251.7.0/24",
-            data_dir=tmp_path / "overlay",
-            cert_lifetime_s=LIFETIME_S,
-        )
+    stack = contextlib.AsyncExitStack()
+    standalone = await stack.enter_async_context(
+        standalone_overlay(tmp_path, "10.251.7.0/24", cert_lifetime_s=LIFETIME_S)
     )
-    lighthouse = Lighthouse(authority)
-    await lighthouse.start()
-    supervisor = asyncio.create_task(lighthouse.run())
+    book = standalone.book
     netns = NetnsManager(f"loom-r{secrets.token_hex(3)}")
     nets: dict[str, MemberNet] = {}
     overlays: dict[str, MemberOverlay] = {}
@@ -117,7 +108,7 @@ async def test_a_renewed_certificate_is_used_across_the_old_ones_expiry(tmp_path
         nets[name] = net
         where = tmp_path / name / "nebula"
         public = await asyncio.to_thread(generate_key, where)  # the agent's own key
-        grant = await asyncio.to_thread(authority.grant, "c1", name, None, public)
+        grant = await book.grant("c1", name, None, public)
         overlay = MemberOverlay(grant, net, where, netns)
         overlays[name] = overlay
         await overlay.start()
@@ -148,16 +139,17 @@ async def test_a_renewed_certificate_is_used_across_the_old_ones_expiry(tmp_path
         # The coordinator's renewal, driven here: m1 and m2 (not m4) when due.
         renewed: set[str] = set()
         while time.time() < first_expiry + 2:
-            for name in authority.due(time.time()):
+            for name in await book.due(time.time()):
                 if name in ("m1", "m2") and name not in renewed:
-                    renewal = await asyncio.to_thread(authority.renew, name, None, time.time())
+                    renewal = await book.renew(name, None, time.time())
                     assert renewal is not None
                     assert await overlays[name].renew(renewal.crt), overlays[name].log_tail()
-                    authority.renewed(renewal, time.time())
+                    await book.renewed(renewal, time.time())
                     renewed.add(name)
             await asyncio.sleep(0.2)
         assert renewed == {"m1", "m2"}
-        assert all(authority.entry(n).expires > first_expiry + 5 for n in renewed)  # type: ignore[union-attr]
+        entries = [await book.entry(n) for n in renewed]
+        assert all(e is not None and e.expires > first_expiry + 5 for e in entries)
         # Past the old expiry: the old tunnel carries on, and new connections open.
         assert await asyncio.to_thread(_connects, nets["m2"], ip1)
         out, err = await asyncio.to_thread(stream.communicate, None, 30)
@@ -181,6 +173,4 @@ async def test_a_renewed_certificate_is_used_across_the_old_ones_expiry(tmp_path
             await o.stop()
         for net in nets.values():
             await asyncio.to_thread(netns.destroy, net)
-        supervisor.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await supervisor
+        await stack.aclose()

@@ -23,6 +23,7 @@ its replacement's ``member.start`` grant carries it; the owner revokes a user ce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import shutil
@@ -40,12 +41,12 @@ from loom.client.sdk import LoomAPIError, LoomClient
 from loom.coordinator.agent_client import AgentClient
 from loom.coordinator.config import Settings
 from loom.coordinator.loops.cluster_events import member_lost
-from loom.coordinator.overlay.authority import Authority, OverlaySettings, fingerprint
-from loom.coordinator.overlay.lighthouse import Lighthouse
+from loom.coordinator.overlay.authority import fingerprint
 from loom.coordinator.overlay.service import current, revoke_step
 from loom.protocol.messages import Ack
 from loom.protocol.overlay import OverlayGrant
 from support.fakeagent import FakeAgents, force_available
+from support.overlay_book import standalone_overlay
 from support.servers import CoordinatorThread, free_port
 
 nebula = pytest.mark.skipif(
@@ -119,18 +120,9 @@ def _printed_fingerprint(tmp: Path, crt: str) -> str:
     unavailable_reason() is not None, reason=f"needs root, nftables ({unavailable_reason()})"
 )
 async def test_a_revoked_member_is_shut_out_by_members_and_lighthouse(tmp_path: Path) -> None:
-    udp = free_port()
-    authority = Authority(
-        OverlaySettings(
-            listen=f"0.0.0.0:{udp}",
-            advertise=f"127.0.0.1:{udp}",
-            network="10.251.9.0/24",
-            data_dir=tmp_path / "overlay",
-        )
-    )
-    lighthouse = Lighthouse(authority)
-    await lighthouse.start()
-    supervisor = asyncio.create_task(lighthouse.run())
+    stack = contextlib.AsyncExitStack()
+    standalone = await stack.enter_async_context(standalone_overlay(tmp_path, "10.251.9.0/24"))
+    book, lighthouse = standalone.book, standalone.lighthouse
     netns = NetnsManager(f"loom-v{secrets.token_hex(3)}")
     nets: dict[str, MemberNet] = {}
     overlays: dict[str, MemberOverlay] = {}
@@ -141,7 +133,7 @@ async def test_a_revoked_member_is_shut_out_by_members_and_lighthouse(tmp_path: 
         nets[name] = net
         where = tmp_path / name / "nebula"
         public = await asyncio.to_thread(generate_key, where)
-        grant = await asyncio.to_thread(authority.grant, "c1", name, None, public)
+        grant = await book.grant("c1", name, None, public)
         overlay = MemberOverlay(grant, net, where, netns)
         overlays[name] = overlay
         await overlay.start()
@@ -161,12 +153,12 @@ async def test_a_revoked_member_is_shut_out_by_members_and_lighthouse(tmp_path: 
         bad_crt = bad.grant.crt
         # What the authority blocks is Nebula's own fingerprint of the member's certificate.
         began = time.monotonic()
-        blocked = await asyncio.to_thread(authority.revoke, ["m-bad"])
+        blocked = await book.revoke(["m-bad"])
         assert blocked == [_printed_fingerprint(tmp_path, bad_crt)] == [fingerprint(bad_crt)]
-        assert authority.address_of("m-bad") is None
+        assert await book.address_of("m-bad") is None
         # The coordinator's push: the lighthouse, and each remaining member (its agent).
-        listed = authority.blocklist("c1")
-        assert await lighthouse.reload(), lighthouse.log_tail()
+        listed = await book.blocklist("c1")
+        assert await standalone.reload_lighthouse(), lighthouse.log_tail()
         assert all(await asyncio.gather(head.block(listed), good.block(listed)))
         reloaded_s = time.monotonic() - began
         # The revoked member's open tunnel is closed at the head's next check; then it
@@ -232,9 +224,7 @@ async def test_a_revoked_member_is_shut_out_by_members_and_lighthouse(tmp_path: 
             await o.stop()
         for net in nets.values():
             await asyncio.to_thread(netns.destroy, net)
-        supervisor.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await supervisor
+        await stack.aclose()
 
 
 # -- part 2: the coordinator's path ---------------------------------------------------------
@@ -327,7 +317,7 @@ def test_a_lost_member_is_revoked_to_the_remaining_members(
     assert len(side.blocklists) == pushes
     # The cluster's end revokes the rest (no member left to tell: the lighthouse blocks).
     assert client.delete_cluster("c").state == "terminated"
-    everything = overlay.authority.blocklist()
+    everything = coordinator.run_coro(overlay.book.blocklist())
     assert len(everything) == 3 and expected[0] in everything
     assert json.loads(overlay.lighthouse.config_path.read_text())["pki"]["blocklist"] == everything
 

@@ -102,8 +102,8 @@ def generate_key(directory: Path) -> str:
     return pub.read_text()
 
 
-def lighthouse_hosts(grant: OverlayGrant, net: MemberNet) -> tuple[list[str], set[int]]:
-    """Where this member sends UDP for the lighthouse, and which of those ports are local.
+def lighthouse_hosts(grant: OverlayGrant, net: MemberNet) -> tuple[dict[str, list[str]], set[int]]:
+    """Where this member sends UDP for each lighthouse, and which of those ports are local.
 
     A lighthouse on this very machine is reached through the member's veth: on loopback
     (``loom up``) at the veth's host side; on one of the host's own addresses at that
@@ -111,25 +111,27 @@ def lighthouse_hosts(grant: OverlayGrant, net: MemberNet) -> tuple[list[str], se
     admits the member's UDP to that port (``host_udp``).
     """
     local = host_addresses()
-    out: list[str] = []
+    found: dict[str, list[str]] = {}
     ports: set[int] = set()
-    for item in grant.lighthouse_addresses:
-        host, _, port = item.rpartition(":")
-        host = host.strip("[]")
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            out.append(item)  # a DNS name: resolved by Nebula inside the namespace
-            continue
-        if ip.is_loopback or ip.is_unspecified:
-            out.append(f"{net.host_ip}:{port}")
-            ports.add(int(port))
-        elif str(ip) in local:
-            out.append(f"{ip}:{port}")
-            ports.add(int(port))
-        else:
-            out.append(f"{ip}:{port}")
-    return out, ports
+    for lighthouse_ip, addresses in grant.lighthouses().items():
+        out = found.setdefault(lighthouse_ip, [])
+        for item in addresses:
+            host, _, port = item.rpartition(":")
+            host = host.strip("[]")
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                out.append(item)  # a DNS name: resolved by Nebula inside the namespace
+                continue
+            if ip.is_loopback or ip.is_unspecified:
+                out.append(f"{net.host_ip}:{port}")
+                ports.add(int(port))
+            elif str(ip) in local:
+                out.append(f"{ip}:{port}")
+                ports.add(int(port))
+            else:
+                out.append(f"{ip}:{port}")
+    return found, ports
 
 
 def member_config(
@@ -146,11 +148,11 @@ def member_config(
             "blocklist": list(grant.blocklist if blocklist is None else blocklist),
             "disconnect_invalid": True,
         },
-        "static_host_map": {grant.lighthouse_ip: hosts},
-        "lighthouse": {"am_lighthouse": False, "interval": 30, "hosts": [grant.lighthouse_ip]},
+        "static_host_map": hosts,
+        "lighthouse": {"am_lighthouse": False, "interval": 30, "hosts": list(hosts)},
         "listen": {"host": "0.0.0.0", "port": NEBULA_PORT},
         "punchy": {"punch": True, "respond": True, "delay": "1s"},
-        "relay": {"relays": [grant.lighthouse_ip], "am_relay": False, "use_relays": True},
+        "relay": {"relays": list(hosts), "am_relay": False, "use_relays": True},
         "tun": {"dev": TUN_DEVICE, "mtu": TUN_MTU, "drop_local_broadcast": True},
         "logging": {"level": "info", "format": "text"},
         "handshakes": {"try_interval": "100ms", "retries": 20},
@@ -378,7 +380,7 @@ class MemberOverlay:
         self._log_offset += end
         for line in chunk[:end].decode(errors="replace").splitlines():
             found = _HANDSHAKE.search(line)
-            if found and found.group(2) != self.grant.lighthouse_ip:
+            if found and found.group(2) not in self.grant.lighthouses():
                 self.peers[found.group(2)] = found.group(1) == "<nil>"
         return self.peers
 

@@ -16,7 +16,7 @@ from loom.coordinator.app import create_app
 from loom.coordinator.config import Settings, default_db_url
 from loom.coordinator.db.engine import DatabaseURLError, normalize_url
 from loom.coordinator.overlay.authority import OverlayConfigError
-from loom.coordinator.overlay.service import check_overlay
+from loom.coordinator.overlay.service import check_network_ca, check_overlay
 from loom.coordinator.replicas.link import (
     CREDS_ENV,
     BusAuthFailed,
@@ -157,6 +157,7 @@ def serve(
         os.environ[CREDS_ENV] = bus_creds
     try:
         check_overlay(settings)
+        asyncio.run(check_network_ca(settings))
     except OverlayConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -75,6 +75,32 @@ class OverlayError(ValueError):
     """The overlay part of a command is malformed; the message says what is wrong."""
 
 
+class LighthouseRef(BaseModel):
+    """One more lighthouse (and relay) of the network: with replicas, each runs one."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ip: str
+    addresses: list[str] = Field(min_length=1, max_length=8)
+
+    @field_validator("ip")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        return str(ipaddress.IPv4Address(value))
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        return check_host_ports(value)
+
+
+def check_host_ports(value: list[str]) -> list[str]:
+    for item in value:
+        if not _HOST_PORT.match(item) or not 0 < int(item.rpartition(":")[2]) < 65536:
+            raise ValueError(f"lighthouse address {item!r} must be host:port")
+    return value
+
+
 class OverlayGrant(BaseModel):
     """One member's place on the overlay: its certificate and how to find the others.
 
@@ -93,6 +119,10 @@ class OverlayGrant(BaseModel):
     #: The lighthouse (and relay): its overlay address, and the UDP host:port it listens on.
     lighthouse_ip: str
     lighthouse_addresses: list[str] = Field(min_length=1, max_length=8)
+    #: The network's other lighthouses (coordinator replicas each run one; every member
+    #: reports to all of them and may be relayed by any). Read both through
+    #: :meth:`lighthouses`.
+    more_lighthouses: list[LighthouseRef] = Field(default_factory=list, max_length=7)
     #: When the certificate expires (unix time; the coordinator renews while the cluster lives).
     expires_at: float
     #: Revoked certificates of this cluster (fingerprints, Nebula's ``pki.blocklist``):
@@ -124,10 +154,16 @@ class OverlayGrant(BaseModel):
     @field_validator("lighthouse_addresses")
     @classmethod
     def _addresses(cls, value: list[str]) -> list[str]:
-        for item in value:
-            if not _HOST_PORT.match(item) or not 0 < int(item.rpartition(":")[2]) < 65536:
-                raise ValueError(f"lighthouse address {item!r} must be host:port")
-        return value
+        return check_host_ports(value)
+
+    def lighthouses(self) -> dict[str, list[str]]:
+        """Every lighthouse's overlay address -> where to send it UDP (the first is
+        ``lighthouse_ip``): Nebula's ``static_host_map``, its ``lighthouse.hosts`` and
+        ``relay.relays`` are its keys."""
+        found = {self.lighthouse_ip: list(self.lighthouse_addresses)}
+        for more in self.more_lighthouses:
+            found.setdefault(more.ip, list(more.addresses))
+        return found
 
 
 def grant_to_args(args: dict[str, Any], grant: OverlayGrant | None) -> dict[str, Any]:

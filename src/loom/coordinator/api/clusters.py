@@ -60,7 +60,9 @@ async def get_cluster(
     ref: str, session: SessionDep, state: StateDep, caller: CallerDep
 ) -> ClusterOut:
     cluster = await cluster_service.get_cluster(session, caller, ref)
-    return overlay_service.annotate(state, await cluster_service.cluster_out(session, cluster))
+    return await overlay_service.annotate(
+        state, await cluster_service.cluster_out(session, cluster)
+    )
 
 
 @router.delete("/clusters/{ref}", response_model=ClusterOut)

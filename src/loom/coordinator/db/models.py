@@ -430,3 +430,67 @@ class LedgerQueued(Base):
     answered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     __table_args__ = (Index("ix_ledger_queue_state", "state", "id"),)
+
+
+# --------------------------------------------------------------------------- overlay book
+# (issue 10 with issue 11; migration 0011). The Nebula overlay's address book, signed
+# certificates, revocations and lighthouses, shared by every replica
+# (loom.coordinator.overlay.book). The CA's key is not here: it is a file on each replica.
+
+
+class OverlayCA(Base):
+    """The network's overlay CA certificate (public): every replica must sign with it."""
+
+    __tablename__ = "overlay_ca"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ca_crt: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class OverlayHolder(Base):
+    """A certificate holder (a member, or a user's ``cluster connect``) and its address."""
+
+    __tablename__ = "overlay_holders"
+
+    holder: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cluster_id: Mapped[str] = mapped_column(String(64), index=True)
+    ip: Mapped[str] = mapped_column(String(15), unique=True)
+    #: The holder's public key PEM ("" until a certificate was signed for it).
+    pub: Mapped[str] = mapped_column(Text, default="")
+    #: The certificate it uses now: when it expires, and how long it was signed for.
+    expires: Mapped[float] = mapped_column(Float, default=0.0)
+    lifetime: Mapped[float] = mapped_column(Float, default=0.0)
+    #: Whether its agent reported every tunnel going through a relay (None: not known).
+    relayed: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+
+
+class OverlayCert(Base):
+    """A certificate signed for a holder; ``revoked_at`` set once it is blocked."""
+
+    __tablename__ = "overlay_certs"
+
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64), index=True)
+    cluster_id: Mapped[str] = mapped_column(String(64), index=True)
+    ip: Mapped[str] = mapped_column(String(15))
+    expires: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (Index("ix_overlay_certs_revoked", "revoked_at", "expires"),)
+
+
+class OverlayLighthouse(Base):
+    """One replica's lighthouse + relay: its overlay address (a reserved slot) and where
+    members send UDP to it. Keyed by that advertised address, so a coordinator restarted
+    on the same address keeps its slot (and its members' configs stay right)."""
+
+    __tablename__ = "overlay_lighthouses"
+
+    addresses: Mapped[str] = mapped_column(String(255), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, unique=True)
+    ip: Mapped[str] = mapped_column(String(15))
+    replica_id: Mapped[str] = mapped_column(String(128), default="")
+    seen_at: Mapped[float] = mapped_column(Float, default=0.0)

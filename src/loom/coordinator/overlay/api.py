@@ -13,13 +13,13 @@ fingerprint joins the cluster's blocklist, pushed to the lighthouse and every me
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 
 from fastapi import APIRouter
 
 from loom.coordinator.api.deps import CallerDep, SessionDep, StateDep
 from loom.coordinator.errors import Conflict, NotFound
+from loom.coordinator.overlay.book import GrantRefused
 from loom.coordinator.overlay.service import Overlay, current, revoke
 from loom.coordinator.services import clusters as cluster_service
 from loom.protocol.overlay import OverlayGrant, OverlayJoin, OverlayRevoked
@@ -39,9 +39,10 @@ async def user_certificate(
     if cluster.state != "running":
         raise Conflict("cluster_not_running", f"cluster {cluster.name} is {cluster.state}")
     name = f"{USER_PREFIX}{secrets.token_hex(5)}"
-    return await asyncio.to_thread(
-        overlay.authority.grant, cluster.id, name, cluster.expires_at, body.public_key
-    )
+    try:
+        return await overlay.book.grant(cluster.id, name, cluster.expires_at, body.public_key)
+    except GrantRefused:
+        raise Conflict("cluster_not_running", f"cluster {cluster.name} ended meanwhile") from None
 
 
 @router.delete("/clusters/{ref}/overlay/{name}", response_model=OverlayRevoked)
@@ -51,7 +52,7 @@ async def drop_user_certificate(
     """Revoke one of this cluster's user certificates now (owner only)."""
     cluster = await cluster_service.get_cluster(session, caller, ref)
     overlay = _overlay(state)
-    entry = overlay.authority.entry(name)
+    entry = await overlay.book.entry(name)
     if not name.startswith(USER_PREFIX) or entry is None or entry.cluster != cluster.id:
         raise NotFound(
             "overlay_certificate_not_found",

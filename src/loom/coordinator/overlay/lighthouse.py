@@ -5,6 +5,10 @@ each member can be reached, and relays for members that cannot reach each other 
 (symmetric NAT). It joins no cluster's group, so it can reach no member's Ray ports.
 Its ``pki.blocklist`` holds every revoked certificate (:meth:`Lighthouse.reload` rewrites
 it and sends SIGHUP): a revoked member gets no answer and no relay from it.
+
+With replicas, each replica running the overlay runs its own lighthouse in its own slot
+(an overlay address reserved for lighthouses, :meth:`Authority.lighthouse_ip`); members
+report to all of them and may be relayed by any.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ def nebula_binary() -> str:
     return found
 
 
-def lighthouse_config(authority: Authority, crt: Path, key: Path) -> dict[str, object]:
+def lighthouse_config(
+    authority: Authority, crt: Path, key: Path, blocklist: list[str]
+) -> dict[str, object]:
     settings = authority.settings
     return {
         "pki": {
@@ -45,7 +51,7 @@ def lighthouse_config(authority: Authority, crt: Path, key: Path) -> dict[str, o
             "cert": str(crt),
             "key": str(key),
             # Every cluster's revoked certificates: no lighthouse answers, no relay.
-            "blocklist": authority.blocklist(),
+            "blocklist": list(blocklist),
             "disconnect_invalid": True,
         },
         "static_host_map": {},
@@ -64,26 +70,35 @@ def lighthouse_config(authority: Authority, crt: Path, key: Path) -> dict[str, o
 class Lighthouse:
     """``await start()`` once; ``run()`` is the supervisor task; ``stop()`` ends it."""
 
-    def __init__(self, authority: Authority) -> None:
+    def __init__(self, authority: Authority, slot: int = 0) -> None:
         self.authority = authority
-        self.config_path = authority.dir / "lighthouse.yml"
-        self.log_path = authority.dir / "lighthouse.log"
+        self.slot = slot
+        self.ip = authority.lighthouse_ip(slot)
+        home = authority.lighthouse_dir(slot)
+        self.config_path = home / "lighthouse.yml"
+        self.log_path = home / "lighthouse.log"
+        #: The network's blocklist as last written into the config (see :meth:`reload`).
+        self.blocklist: list[str] = []
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self._stopping = False
 
     def _write_config(self) -> None:
-        crt, key = self.authority.lighthouse_files()
+        crt, key = self.authority.lighthouse_files(self.slot)
+        config = lighthouse_config(self.authority, crt, key, self.blocklist)
         # JSON is YAML: no YAML writer needed.
         tmp = self.config_path.with_suffix(".new")
-        tmp.write_text(json.dumps(lighthouse_config(self.authority, crt, key)))
+        tmp.write_text(json.dumps(config))
         tmp.replace(self.config_path)
 
-    async def reload(self, timeout: float = RELOAD_TIMEOUT_S) -> bool:
-        """Rewrite the config (the current blocklist) and SIGHUP; whether Nebula took it.
-
-        A lighthouse that is (re)starting reads the new config when it comes up.
-        """
+    async def reload(
+        self, blocklist: list[str] | None = None, timeout: float = RELOAD_TIMEOUT_S
+    ) -> bool:
+        """Rewrite the config (with ``blocklist``, the network's whole list, if given) and
+        SIGHUP; whether Nebula took it. A lighthouse that is (re)starting reads the new
+        config when it comes up."""
+        if blocklist is not None:
+            self.blocklist = list(blocklist)
         await asyncio.to_thread(self._write_config)
         proc = self.proc
         if proc is None or proc.returncode is not None:
@@ -133,7 +148,7 @@ class Lighthouse:
         log.info(
             "overlay lighthouse on udp %s (overlay %s, advertised %s)",
             self.authority.settings.listen,
-            self.authority.lighthouse_ip,
+            self.ip,
             ",".join(self.authority.settings.advertised()),
         )
 

@@ -15,8 +15,11 @@ as the renewal (``revoke_step``) catches removals made elsewhere (a member marke
 the watchdog, a restart between the row and the push) and pushes again to agents that
 missed the list.
 
-The renewal runs as a plain loop on every replica (``state.spawn_loop``): the address book
-and CA are this coordinator's files, so a replica renews what it signed.
+With replicas: the book is in the database (:mod:`loom.coordinator.overlay.book`) and
+every replica holds the same CA, so any replica signs, shows and revokes. Each replica
+running the overlay runs its own lighthouse (a slot of its own) and keeps its blocklist
+current from the database (``lighthouse_step``, every :data:`LIGHTHOUSE_CHECK_S`); the
+renewal and the catch-up push run on the replica holding the ``overlay`` role.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from loom.coordinator import leases
 from loom.coordinator.config import Settings
 from loom.coordinator.db.models import Cluster, Member
 from loom.coordinator.hub import AgentNotConnected, CommandFailed
@@ -37,8 +41,17 @@ from loom.coordinator.overlay.authority import (
     Authority,
     OverlayConfigError,
     OverlaySettings,
+    fingerprint,
     nebula_cert,
 )
+from loom.coordinator.overlay.book import (
+    Book,
+    GrantRefused,
+    ca_mismatch,
+    ca_missing,
+    network_ca,
+)
+from loom.coordinator.overlay.legacy import import_files
 from loom.coordinator.overlay.lighthouse import Lighthouse, nebula_binary
 from loom.core.models import ClusterState, MemberState
 from loom.protocol.api import ClusterOut
@@ -57,18 +70,23 @@ LIVE_CLUSTERS = (
     ClusterState.HEALING.value,
 )
 LIVE_MEMBERS = (MemberState.ASSIGNED.value, MemberState.STARTING.value, MemberState.READY.value)
+#: The role whose holder renews certificates and pushes blocklists agents missed.
+ROLE = "overlay"
+#: How often every replica checks its lighthouse's blocklist against the database.
+LIGHTHOUSE_CHECK_S = 2.0
 
 
 @dataclass
 class Overlay:
     authority: Authority
+    book: Book
     lighthouse: Lighthouse
+    #: where members send this replica's lighthouse UDP (its row in the book)
+    advertised: list[str] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
-    #: member id -> whether its agent reported its tunnels going through the relay
-    relayed: dict[str, bool] = field(default_factory=dict)
     #: (node id, cluster id) -> the blocklist that node's agent last confirmed
     pushed: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
-    #: the blocklist the lighthouse last confirmed
+    #: the blocklist this replica's lighthouse last confirmed
     lighthouse_list: tuple[str, ...] = ()
 
 
@@ -96,31 +114,78 @@ def renew_interval(settings: OverlaySettings) -> float:
 
 
 async def install(state: Any) -> Overlay | None:
-    """Create the CA (first time), start and supervise the lighthouse; sets state.overlay."""
+    """Create the CA (first replica, first time) or check it is the network's, claim a
+    lighthouse slot, start and supervise the lighthouse; sets state.overlay."""
     config = overlay_settings(state.settings)
     if config is None:
         return None
-    authority = await asyncio.to_thread(Authority, config)
-    lighthouse = Lighthouse(authority)
+    replica_id = state.settings.replica_id
+    known = await network_ca(state.session)
+    try:
+        authority = await asyncio.to_thread(Authority, config, create=known is None)
+    except OverlayConfigError:
+        assert known is not None
+        raise OverlayConfigError(ca_missing(known.created_by, config.data_dir)) from None
+    book = Book(authority, state.session)
+    await book.register_ca(replica_id)
+    await import_files(book)
+    advertised = config.advertised()
+    slot = await book.claim_lighthouse(advertised, replica_id)
+    lighthouse = Lighthouse(authority, slot.slot)
+    lighthouse.blocklist = await book.blocklist()
     await lighthouse.start()
-    overlay = Overlay(authority, lighthouse)
+    overlay = Overlay(authority, book, lighthouse, advertised)
+    overlay.lighthouse_list = tuple(lighthouse.blocklist)
     overlay.task = asyncio.create_task(lighthouse.run(), name="overlay-lighthouse")
     state.tasks.append(overlay.task)
     state.overlay = overlay
 
     async def on_overlay_report(_node_id: str, report: Report, _at: float) -> None:
         member_id = str(report.data.get("member_id", ""))
-        if authority.address_of(member_id) is not None:  # a member the overlay knows
-            overlay.relayed[member_id] = bool(report.data.get("relayed"))
+        if member_id:
+            await book.set_relayed(member_id, bool(report.data.get("relayed")))
 
     state.hub.on_report("member.overlay", on_overlay_report)
 
     async def renewal() -> None:
-        await revoke_step(state)
-        await renew_step(state)
+        if await holds_role(state):
+            await revoke_step(state)
+            await renew_step(state)
+
+    async def lighthouse_check() -> None:
+        await lighthouse_step(state)
 
     state.spawn_loop("overlay-renewal", renew_interval(config), renewal)
+    state.spawn_loop("overlay-lighthouse-check", LIGHTHOUSE_CHECK_S, lighthouse_check)
     return overlay
+
+
+async def holds_role(state: Any, now: float | None = None) -> bool:
+    """Whether this replica holds the ``overlay`` role (renewal and catch-up) now."""
+    config = overlay_settings(state.settings)
+    if config is None:
+        return False
+    now = time.time() if now is None else now
+    ttl = max(30.0, 3 * renew_interval(config))
+    async with state.session() as session:
+        lease = await leases.claim_role(session, ROLE, state.settings.replica_id, now, ttl)
+        await session.commit()
+    return lease is not None
+
+
+async def lighthouse_step(state: Any, now: float | None = None) -> bool:
+    """Keep this replica's lighthouse listed (its row seen) and its blocklist the
+    network's; returns whether it reloaded."""
+    overlay = current(state)
+    if overlay is None:
+        return False
+    now = time.time() if now is None else now
+    await overlay.book.touch_lighthouse(overlay.advertised, now)
+    everything = tuple(await overlay.book.blocklist(None, now))
+    if everything != overlay.lighthouse_list and await overlay.lighthouse.reload(list(everything)):
+        overlay.lighthouse_list = everything
+        return True
+    return False
 
 
 def current(state: Any) -> Overlay | None:
@@ -157,9 +222,10 @@ async def grant_args(
     )
     if not key.public_key:
         return command
-    grant = await asyncio.to_thread(
-        overlay.authority.grant, cluster_id, member_id, ends_at, key.public_key
-    )
+    try:
+        grant = await overlay.book.grant(cluster_id, member_id, ends_at, key.public_key)
+    except GrantRefused as exc:
+        raise CommandFailed(str(exc)) from None
     return command.model_copy(update={"overlay": grant})
 
 
@@ -174,8 +240,8 @@ async def renew_step(state: Any, now: float | None = None) -> list[str]:
     if overlay is None:
         return []
     now = time.time() if now is None else now
-    authority = overlay.authority
-    due = authority.due(now)
+    book = overlay.book
+    due = await book.due(now)
     if not due:
         return []
     async with state.session() as session:
@@ -200,7 +266,7 @@ async def renew_step(state: Any, now: float | None = None) -> list[str]:
             continue
         if member_state not in LIVE_MEMBERS:
             continue
-        renewal = await asyncio.to_thread(authority.renew, member_id, ends_at, now)
+        renewal = await book.renew(member_id, ends_at, now)
         if renewal is None:
             continue
         command = MemberOverlayCert(
@@ -212,7 +278,7 @@ async def renew_step(state: Any, now: float | None = None) -> list[str]:
             log.warning("overlay: pushing %s's renewed certificate failed: %s", member_id, exc)
             continue
         if reply.reloaded:
-            authority.renewed(renewal, now)
+            await book.renewed(renewal, now)
             renewed.append(member_id)
     return renewed
 
@@ -226,9 +292,7 @@ async def release(state: Any, cluster_id: str, now: float | None = None) -> None
     overlay = current(state)
     if overlay is None:
         return
-    gone = overlay.authority.release_cluster(cluster_id, now)
-    for member_id in gone:
-        overlay.relayed.pop(member_id, None)
+    gone = await overlay.book.release_cluster(cluster_id, now)
     if gone:
         await push_blocklist(state, cluster_id, now)
 
@@ -244,9 +308,7 @@ async def revoke(
     overlay = current(state)
     if overlay is None or not holders:
         return []
-    added = await asyncio.to_thread(overlay.authority.revoke, holders, now)
-    for holder in holders:
-        overlay.relayed.pop(holder, None)
+    added = await overlay.book.revoke(holders, now)
     if added:
         log.info("overlay: revoked %d certificate(s) of %s", len(added), ", ".join(holders))
         await push_blocklist(state, cluster_id, now)
@@ -261,7 +323,7 @@ async def revoke_ended(state: Any, cluster_id: str, now: float | None = None) ->
     overlay = current(state)
     if overlay is None:
         return []
-    holders = overlay.authority.holders(cluster_id)
+    holders = await overlay.book.holders(cluster_id)
     if not holders:
         return []
     async with state.session() as session:
@@ -273,19 +335,17 @@ async def revoke_ended(state: Any, cluster_id: str, now: float | None = None) ->
 
 
 async def push_blocklist(state: Any, cluster_id: str, now: float | None = None) -> list[str]:
-    """The cluster's blocklist to the lighthouse and to every live member's agent.
+    """The cluster's blocklist to this replica's lighthouse and every live member's agent.
 
     Returns the members whose Nebula confirmed the reload. An agent that is unreachable
-    or fails is logged and tried again by :func:`revoke_step`.
+    or fails is logged and tried again by :func:`revoke_step`; the other replicas'
+    lighthouses reload within :data:`LIGHTHOUSE_CHECK_S` (``lighthouse_step``).
     """
     overlay = current(state)
     if overlay is None:
         return []
-    authority = overlay.authority
-    everything = tuple(authority.blocklist(None, now))
-    if everything != overlay.lighthouse_list and await overlay.lighthouse.reload():
-        overlay.lighthouse_list = everything
-    fingerprints = authority.blocklist(cluster_id, now)
+    await lighthouse_step(state, now)
+    fingerprints = await overlay.book.blocklist(cluster_id, now)
     async with state.session() as session:
         nodes = sorted(
             set(
@@ -323,9 +383,10 @@ async def revoke_step(state: Any, now: float | None = None) -> None:
     if overlay is None:
         return
     now = time.time() if now is None else now
-    authority = overlay.authority
-    book = authority.clusters()
-    wanted = sorted(set(book) | set(authority.blocked_clusters(now)))
+    registry = overlay.book
+    book = await registry.clusters()
+    blocked = await registry.blocked_clusters(now)
+    wanted = sorted(set(book) | set(blocked))
     if wanted:
         async with state.session() as session:
             states = dict(
@@ -346,28 +407,21 @@ async def revoke_step(state: Any, now: float | None = None) -> None:
             if states.get(cluster_id) not in LIVE_CLUSTERS:
                 await release(state, cluster_id, now)
                 continue
-            holders = set(authority.holders(cluster_id))
+            holders = set(await registry.holders(cluster_id))
             ended = sorted(
                 m
                 for m, c, _, st in rows
                 if c == cluster_id and m in holders and st not in LIVE_MEMBERS
             )
             await revoke(state, cluster_id, ended, now)
-        for cluster_id in authority.blocked_clusters(now):
+        for cluster_id in blocked:
             if states.get(cluster_id) not in LIVE_CLUSTERS:
                 continue
-            fingerprints = tuple(authority.blocklist(cluster_id, now))
+            fingerprints = tuple(await registry.blocklist(cluster_id, now))
             nodes = {n for _, c, n, st in rows if c == cluster_id and st in LIVE_MEMBERS}
             if any(overlay.pushed.get((n, cluster_id)) != fingerprints for n in nodes):
                 await push_blocklist(state, cluster_id, now)
-    everything = tuple(authority.blocklist(None, now))
-    if everything != overlay.lighthouse_list and await overlay.lighthouse.reload():
-        overlay.lighthouse_list = everything
-
-
-def member_overlay_ip(state: Any, member_id: str) -> str | None:
-    overlay = current(state)
-    return None if overlay is None else overlay.authority.address_of(member_id)
+    await lighthouse_step(state, now)
 
 
 def check_overlay(settings: Settings) -> None:
@@ -387,16 +441,46 @@ def check_overlay(settings: Settings) -> None:
             )
 
 
-def annotate(state: Any, out: ClusterOut) -> ClusterOut:
+async def check_network_ca(settings: Settings) -> None:
+    """Before serving: if the network already has an overlay CA (another replica made it),
+    this replica's overlay directory must hold the same one; OverlayConfigError says what
+    to copy. A database without the table yet (never migrated) has none."""
+    config = overlay_settings(settings)
+    if config is None:
+        return
+    from sqlalchemy.exc import DBAPIError
+
+    from loom.coordinator.db.engine import create_engine, session_factory
+
+    engine = create_engine(settings.db_url)
+    try:
+        try:
+            known = await network_ca(session_factory(engine))
+        except DBAPIError:  # no overlay_ca table: a database from before, or a new one
+            return
+    finally:
+        await engine.dispose()
+    if known is None:
+        return
+    ca_crt = config.data_dir / "ca.crt"
+    if not ca_crt.exists() or not (config.data_dir / "ca.key").exists():
+        raise OverlayConfigError(ca_missing(known.created_by, config.data_dir))
+    mine = fingerprint(ca_crt.read_text())
+    if mine != known.fingerprint:
+        raise OverlayConfigError(ca_mismatch(known.fingerprint, known.created_by, ca_crt, mine))
+
+
+async def annotate(state: Any, out: ClusterOut) -> ClusterOut:
     """The cluster status with each member's overlay address (and relay use, if known)."""
     overlay = current(state)
     if overlay is None:
         return out
+    known = await overlay.book.addresses([m.id for m in out.members])
     members = [
         m.model_copy(
             update={
-                "overlay_ip": overlay.authority.address_of(m.id) or "",
-                "relayed": overlay.relayed.get(m.id),
+                "overlay_ip": known.get(m.id, ("", None))[0],
+                "relayed": known.get(m.id, ("", None))[1],
             }
         )
         for m in out.members
