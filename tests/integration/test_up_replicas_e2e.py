@@ -5,7 +5,9 @@ one this test creates and drops; two agents, the ``process`` runtime, a free por
 prints its replicas, every replica answers signed ``/v1`` requests and lists the same
 nodes; a cluster is created through the *last* replica, which holds no agent (agent ``i``
 dials replica ``i mod N`` first), so every member command crosses NATS, and a job runs
-through that replica's tunnel with ``loom job submit --follow``. Then, the cluster still
+through that replica's tunnel with ``loom job submit --follow``. As root with Nebula (CI),
+the members join the one overlay every replica serves (a lighthouse each, one CA, the
+book in PostgreSQL): both replicas show the same overlay addresses. Then, the cluster still
 up, ``loom up`` gets SIGTERM (what Ctrl-C does) and must exit with nothing left behind: no
 process that was part of the network before the signal (its tree: replicas, agents, the
 members' Ray nodes) may outlive it.
@@ -21,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +45,8 @@ PG = backend() if is_postgres() else DEFAULT_PG
 PG_SERVER = re.sub(r"/[^/?]*(\?.*)?$", "", PG)
 
 pytestmark = [pytest.mark.slow, needs_nats]
+#: `loom up` runs the overlay where members can join it (root, Nebula installed; CI).
+OVERLAY = os.geteuid() == 0 and all(shutil.which(b) for b in ("nebula", "bwrap", "nft"))
 
 
 def readme_up_line() -> str:
@@ -141,7 +146,9 @@ def _cli(env: dict[str, str], *args: str, timeout: float = 300) -> str:
 def test_loom_up_replicas_serves_a_cluster_and_stops_clean(fresh_db: str, tmp_path: Path) -> None:
     line = readme_up_line()
     line = re.sub(r"postgresql://\S+", fresh_db, line)
-    line += f" --agents 2 --runtime process --port {free_port()}"
+    # The sandbox runtime gives each member its own network, the overlay's (as root).
+    runtime = "bwrap" if OVERLAY else "process"
+    line += f" --agents 2 --runtime {runtime} --port {free_port()}"
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
     env.update(
@@ -191,11 +198,29 @@ def test_loom_up_replicas_serves_a_cluster_and_stops_clean(fresh_db: str, tmp_pa
         # Another replica sees the cluster the last one made.
         status = _cli(user, "--coordinator", urls[0], "cluster", "status", "rep")
         assert "running" in status, status
+        if OVERLAY:  # the one overlay of all replicas: each runs a lighthouse of it
+            seen = [
+                sorted(
+                    m["overlay_ip"]
+                    for m in json.loads(
+                        _cli(user, "--coordinator", url, "cluster", "status", "rep", "--json")
+                    )["members"]
+                )
+                for url in (urls[0], last)
+            ]
+            assert seen[0] == seen[1] and len(set(seen[0])) == 2, seen
+            assert all(ip.startswith("10.250.") for ip in seen[0]), seen
         # Ctrl-C with the cluster still up: its Ray nodes are part of what must stop.
         network = _tree(up.pid)
         kinds = " ".join(cmd for _, cmd in network.values())
         assert kinds.count("coordinator serve") == len(urls) and kinds.count("worker start") == 2
-        assert kinds.count("ray start") == 2, kinds
+        # The Ray node itself (not the sandbox's bwrap/setpriv wrappers around it).
+        rays = [c for _, c in network.values() if re.match(r"\S*python\S* \S*/ray start ", c)]
+        assert len(rays) == 2, kinds
+        if OVERLAY:  # a lighthouse per replica, a Nebula per member
+            nebulas = [c for _, c in network.values() if re.search(r"(^|/)nebula -config", c)]
+            lighthouses = [c for c in nebulas if "lighthouse" in c]
+            assert len(lighthouses) == len(urls) and len(nebulas) == len(urls) + 2, nebulas
     finally:
         if not network and up.poll() is None:
             network = _tree(up.pid)

@@ -353,17 +353,23 @@ def _status_view(cluster: ClusterOut, money: ClusterMoney) -> Group:
         f"escrow left: {format_credits(money.escrow_left_micro)}"
     )
     table = Table()
-    for col in ("member", "node", "role", "state", "devices", "reason"):
+    overlay = any(m.overlay_ip for m in cluster.members)
+    columns = ("member", "node", "role", "state", "devices", "overlay", "reason")
+    for col in columns if overlay else tuple(c for c in columns if c != "overlay"):
         table.add_column(col)
     for m in cluster.members:
-        table.add_row(
+        cells = [
             m.id,
             m.node_name or m.node_id,
             m.role,
             styled_state(m.state),
             ", ".join(m.devices),
-            escape(m.reason),
-        )
+        ]
+        if overlay:  # the member's overlay address, and whether it is reached by relay only
+            cells.append(
+                f"{m.overlay_ip}{' (relayed)' if m.relayed else ''}" if m.overlay_ip else "-"
+            )
+        table.add_row(*cells, escape(m.reason))
     return Group(head, line, table)
 
 
@@ -378,6 +384,8 @@ def _status_json(cluster: ClusterOut) -> dict[str, Any]:
             "devices": m.devices,
             "id": m.id,
             "reason": m.reason,
+            "overlay_ip": m.overlay_ip,
+            "relayed": m.relayed,
         }
         for m in cluster.members
     ]
