@@ -13,6 +13,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -359,3 +360,36 @@ async def test_the_book_a_coordinator_kept_in_files_is_imported_once(
     assert not (authority.dir / "addresses.json").exists()
     assert (authority.dir / "addresses.imported").exists()
     assert await import_files(book, now) == 0
+
+
+def test_serve_refuses_a_replica_without_the_networks_ca(tmp_path: Path, db_url: str) -> None:
+    """`loom coordinator serve` for a second replica whose overlay directory lacks the
+    network's CA (or holds another) exits 2 with one line that says what to copy."""
+
+    async def first_replica() -> None:
+        engine = create_engine(db_url)
+        await migrate(engine)
+        try:
+            await Book(Authority(_settings(tmp_path, "r1")), session_factory(engine)).register_ca(
+                "r1"
+            )
+        finally:
+            await engine.dispose()
+
+    asyncio.run(first_replica())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+    env["LOOM_HOME"] = str(tmp_path / "home")
+    base = [
+        sys.executable, "-m", "loom", "coordinator", "serve", "--db", db_url,
+        "--port", str(free_port()), "--overlay-listen", f"127.0.0.1:{free_port()}",
+        "--overlay-dir",
+    ]  # fmt: skip
+    for where, says in (("empty", "has no copy: copy ca.crt and ca.key"), ("other", "but ")):
+        if where == "other":
+            Authority(_settings(tmp_path, "other"))  # a CA of its own
+        done = subprocess.run(
+            [*base, str(tmp_path / where)], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert says in done.stderr and "created by replica r1" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr

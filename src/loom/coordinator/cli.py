@@ -73,6 +73,13 @@ def serve(
     overlay_network: Annotated[
         str, typer.Option(help="private IPv4 range of the overlay's addresses")
     ] = "10.250.0.0/16",
+    overlay_dir: Annotated[
+        str,
+        typer.Option(
+            help="the overlay CA's directory (default $LOOM_HOME/overlay); every replica "
+            "needs the same ca.crt and ca.key there"
+        ),
+    ] = "",
     overlay_cert_lifetime: Annotated[
         float,
         typer.Option(
@@ -147,6 +154,7 @@ def serve(
         overlay_listen=overlay_listen,
         overlay_advertise=overlay_advertise,
         overlay_network=overlay_network,
+        overlay_dir=overlay_dir,
         overlay_cert_lifetime_s=overlay_cert_lifetime,
         bus_url=bus,
         bus_creds=bus_creds,
