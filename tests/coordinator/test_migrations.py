@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+
 import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
@@ -172,3 +176,40 @@ async def test_0008_moves_lease_until_to_lock_columns_and_back(db_url: str) -> N
                 )
     finally:
         await engine.dispose()
+
+
+MIGRATE = """
+import asyncio, sys
+from loom.coordinator.db.engine import create_engine, migrate
+async def main():
+    engine = create_engine(sys.argv[1])
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+asyncio.run(main())
+"""
+
+
+def test_replicas_starting_at_once_migrate_a_fresh_database_once(db_url: str) -> None:
+    """Three replicas started together on a fresh database: each migrates at start; one
+    does the work and the others wait for it, then find the schema at head."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MIGRATE, db_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    outcomes = [(p.wait(120), p.stderr.read().decode() if p.stderr else "") for p in procs]
+    assert all(code == 0 for code, _ in outcomes), [err[-800:] for _, err in outcomes]
+
+    async def versions() -> list[str]:
+        engine = create_engine(db_url)
+        try:
+            async with engine.connect() as conn:
+                rows = await conn.execute(text("SELECT version_num FROM alembic_version"))
+                return [str(r[0]) for r in rows]
+        finally:
+            await engine.dispose()
+
+    assert len(asyncio.run(versions())) == 1

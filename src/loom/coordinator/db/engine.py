@@ -7,13 +7,15 @@ is chosen here. A `?schema=NAME` query parameter on a PostgreSQL URL selects a s
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 
@@ -91,10 +93,40 @@ def _downgrade(connection: Connection, revision: str) -> None:
     command.downgrade(alembic_config(connection), revision)
 
 
+#: PostgreSQL advisory lock key held while migrating (any value unique to Loom will do).
+MIGRATION_LOCK = 0x4C4F4F4D  # "LOOM"
+
+
 async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
-    """Apply migrations up to `revision` (the coordinator does this at start)."""
-    async with engine.begin() as conn:
-        await conn.run_sync(_upgrade, revision)
+    """Apply migrations up to `revision` (the coordinator does this at start).
+
+    Processes starting at once on a fresh database (replicas, or a coordinator and a tool
+    on one SQLite file) would each try to create the schema: the first takes a lock and
+    migrates; the others wait for its commit, then find the schema at `revision`. The lock
+    is a transaction-scoped advisory lock on PostgreSQL, a lock file beside a SQLite file.
+    """
+    database = engine.url.database or ""
+    lock_path = Path(f"{database}.migrate.lock") if engine.dialect.name == "sqlite" else None
+    if lock_path is not None and database in ("", ":memory:"):
+        lock_path = None
+    lock = await asyncio.to_thread(_file_lock, lock_path) if lock_path is not None else None
+    try:
+        async with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+                )
+            await conn.run_sync(_upgrade, revision)
+    finally:
+        if lock is not None:
+            lock.close()  # closing the file releases the lock
+
+
+def _file_lock(path: Path) -> IO[str]:
+    """An exclusive lock on ``path`` (created if missing), held until the file is closed."""
+    handle = open(path, "a")  # noqa: SIM115 - returned, closed by the caller
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
 
 
 async def downgrade(engine: AsyncEngine, revision: str = "base") -> None:
