@@ -40,9 +40,10 @@ from loom.agent.overlay import NEBULA_PORT, MemberOverlay, generate_key, member_
 from loom.client.sdk import LoomAPIError, LoomClient
 from loom.coordinator.agent_client import AgentClient
 from loom.coordinator.config import Settings
+from loom.coordinator.hub import AgentNotConnected
 from loom.coordinator.loops.cluster_events import member_lost
 from loom.coordinator.overlay.authority import fingerprint
-from loom.coordinator.overlay.service import current, revoke_step
+from loom.coordinator.overlay.service import current, revoke, revoke_step
 from loom.protocol.messages import Ack
 from loom.protocol.overlay import OverlayGrant
 from support.fakeagent import FakeAgents, force_available
@@ -245,6 +246,8 @@ class AgentSide(AgentClient):
         self.keys = keys
         #: every member.overlay_blocklist received: (node id, args)
         self.blocklists: list[tuple[str, dict[str, object]]] = []
+        #: nodes whose blocklist commands do not get through (a link down for a moment)
+        self.unreachable: set[str] = set()
 
     async def _send(self, node_id: str, name: str, args_json: str, timeout: float) -> Ack:
         args = json.loads(args_json)
@@ -252,6 +255,8 @@ class AgentSide(AgentClient):
             where = self.keys / str(args["member_id"])
             return Ack(id="k", ok=True, result={"public_key": generate_key(where)})
         if name == "member.overlay_blocklist":
+            if node_id in self.unreachable:
+                raise AgentNotConnected(f"{node_id} is unreachable (test)")
             self.blocklists.append((node_id, args))
             return Ack(id="b", ok=True, result={"reloaded": []})
         return await super()._send(node_id, name, args_json, timeout)
@@ -320,6 +325,42 @@ def test_a_lost_member_is_revoked_to_the_remaining_members(
     everything = coordinator.run_coro(overlay.book.blocklist())
     assert len(everything) == 3 and expected[0] in everything
     assert json.loads(overlay.lighthouse.config_path.read_text())["pki"]["blocklist"] == everything
+
+
+@nebula
+def test_an_agent_that_missed_the_blocklist_gets_it_within_seconds(
+    coordinator: CoordinatorThread, client: LoomClient, agents: FakeAgents
+) -> None:
+    """The head's agent is unreachable when a worker is revoked: its push is retried by
+    the replica that revoked (``retry_step``, every 2 s), not only at the next renewal
+    tick, and stops once the agent confirmed it."""
+    side = coordinator.state.agents
+    assert isinstance(side, AgentSide)
+    client.request("POST", "/v1/credits/deposit", json={"amount": "1000"})
+    nodes = [agents.add(f"a{i}", price=f"0.{i + 1}") for i in range(3)]
+    coordinator.run_coro(force_available(coordinator.state.sessions, [n.node_id for n in nodes]))
+    client.create_cluster({"name": "r", "nodes": 3, "resources": {"cpus": 1}})
+    cluster = client.wait_cluster("r", timeout=30)
+    assert cluster.state == "running", cluster.reason
+    head = next(m for m in cluster.members if m.role == "head")
+    lost = next(m for m in cluster.members if m.role == "worker")
+    side.unreachable.add(head.node_id)
+    coordinator.run_coro(revoke(coordinator.state, cluster.id, [lost.id]))
+    overlay = current(coordinator.state)
+    assert overlay is not None and (head.node_id, cluster.id) in overlay.retry
+    assert head.node_id not in {n for n, _ in side.blocklists}
+    side.unreachable.clear()  # the link is back: the loop delivers it within seconds
+    deadline = time.time() + 15
+    while time.time() < deadline and head.node_id not in {n for n, _ in side.blocklists}:
+        time.sleep(0.2)
+    got = [a for n, a in side.blocklists if n == head.node_id]
+    assert got and got[-1]["fingerprints"] == coordinator.run_coro(
+        overlay.book.blocklist(cluster.id)
+    )
+    assert (head.node_id, cluster.id) not in overlay.retry
+    pushes = len(side.blocklists)
+    time.sleep(2.5)  # nothing more to retry: no more pushes
+    assert len(side.blocklists) == pushes
 
 
 @nebula

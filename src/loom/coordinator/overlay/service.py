@@ -88,6 +88,9 @@ class Overlay:
     pushed: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
     #: the blocklist this replica's lighthouse last confirmed
     lighthouse_list: tuple[str, ...] = ()
+    #: (node id, cluster id) whose blocklist push failed here: retried every
+    #: LIGHTHOUSE_CHECK_S (``retry_step``) until the agent confirms
+    retry: set[tuple[str, str]] = field(default_factory=set)
 
 
 def overlay_settings(settings: Settings) -> OverlaySettings | None:
@@ -154,6 +157,7 @@ async def install(state: Any) -> Overlay | None:
 
     async def lighthouse_check() -> None:
         await lighthouse_step(state)
+        await retry_step(state)
 
     state.spawn_loop("overlay-renewal", renew_interval(config), renewal)
     state.spawn_loop("overlay-lighthouse-check", LIGHTHOUSE_CHECK_S, lighthouse_check)
@@ -338,26 +342,31 @@ async def push_blocklist(state: Any, cluster_id: str, now: float | None = None) 
     """The cluster's blocklist to this replica's lighthouse and every live member's agent.
 
     Returns the members whose Nebula confirmed the reload. An agent that is unreachable
-    or fails is logged and tried again by :func:`revoke_step`; the other replicas'
-    lighthouses reload within :data:`LIGHTHOUSE_CHECK_S` (``lighthouse_step``).
+    or fails is logged and tried again every :data:`LIGHTHOUSE_CHECK_S` by this replica
+    (:func:`retry_step`), and by :func:`revoke_step` on the role holder; the other
+    replicas' lighthouses reload within :data:`LIGHTHOUSE_CHECK_S` (``lighthouse_step``).
     """
     overlay = current(state)
     if overlay is None:
         return []
     await lighthouse_step(state, now)
-    fingerprints = await overlay.book.blocklist(cluster_id, now)
+    return await _push_to(state, overlay, cluster_id, await _live_nodes(state, cluster_id), now)
+
+
+async def _live_nodes(state: Any, cluster_id: str) -> list[str]:
     async with state.session() as session:
-        nodes = sorted(
-            set(
-                (
-                    await session.execute(
-                        select(Member.node_id).where(
-                            Member.cluster_id == cluster_id, Member.state.in_(LIVE_MEMBERS)
-                        )
-                    )
-                ).scalars()
+        rows = await session.execute(
+            select(Member.node_id).where(
+                Member.cluster_id == cluster_id, Member.state.in_(LIVE_MEMBERS)
             )
         )
+        return sorted(set(rows.scalars()))
+
+
+async def _push_to(
+    state: Any, overlay: Overlay, cluster_id: str, nodes: list[str], now: float | None
+) -> list[str]:
+    fingerprints = await overlay.book.blocklist(cluster_id, now)
     command = MemberOverlayBlocklist(cluster_id=cluster_id, fingerprints=fingerprints)
 
     async def one(node_id: str) -> list[str]:
@@ -367,13 +376,31 @@ async def push_blocklist(state: Any, cluster_id: str, now: float | None = None) 
             )
         except (AgentNotConnected, CommandFailed) as exc:
             log.warning("overlay: blocklist of %s to %s failed: %s", cluster_id, node_id, exc)
+            overlay.retry.add((node_id, cluster_id))
             return []
         overlay.pushed[(node_id, cluster_id)] = tuple(fingerprints)
+        overlay.retry.discard((node_id, cluster_id))
         reloaded: list[str] = reply.reloaded
         return reloaded
 
     done = await asyncio.gather(*(one(n) for n in nodes))
     return sorted(m for members in done for m in members)
+
+
+async def retry_step(state: Any, now: float | None = None) -> list[str]:
+    """Push again the blocklists agents missed here (unreachable, failed); returns the
+    members that reloaded. A pair whose node no longer holds a live member is dropped."""
+    overlay = current(state)
+    if overlay is None or not overlay.retry:
+        return []
+    reloaded: list[str] = []
+    for cluster_id in sorted({c for _, c in overlay.retry}):
+        wanted = {n for n, c in overlay.retry if c == cluster_id}
+        live = set(await _live_nodes(state, cluster_id))
+        overlay.retry -= {(n, cluster_id) for n in wanted - live}
+        if wanted & live:
+            reloaded += await _push_to(state, overlay, cluster_id, sorted(wanted & live), now)
+    return sorted(reloaded)
 
 
 async def revoke_step(state: Any, now: float | None = None) -> None:
