@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from loom.client.cli.connect import stay, user_config
 from loom.client.sdk import LoomAPIError, LoomClient
 from loom.coordinator.agent_client import AgentClient
 from loom.coordinator.config import Settings
@@ -192,3 +194,104 @@ def test_user_certificate_is_for_the_users_own_key(
             client.request("POST", f"/v1/clusters/{cluster.id}/overlay", json=body)
         assert err.value.status == 400, err.value
         assert "public" in err.value.message.lower() or "public_key" in str(err.value.field)
+    # Renewal (connect renews while it runs): the same name, address, key; a later expiry.
+    name = cert_info(tmp_path, grant.crt)["name"]
+    time.sleep(1.1)  # Nebula's validity is in whole seconds: a later one is a new certificate
+    raw = client.request(
+        "POST", f"/v1/clusters/{cluster.id}/overlay/{name}/renew", json={"public_key": pub}
+    ).json()
+    fresh = OverlayGrant.model_validate(raw)
+    renewed = cert_info(tmp_path, fresh.crt)
+    assert (renewed["name"], fresh.overlay_ip) == (name, grant.overlay_ip)
+    assert renewed["publicKey"] == info["publicKey"] and fresh.expires_at > grant.expires_at
+    assert fresh.crt != grant.crt and fresh.lighthouses() == grant.lighthouses()
+    # Another key, another cluster's name, a member's name: refused, saying what to do.
+    _, other = keygen(tmp_path / "other")
+    refusals = (
+        (name, {"public_key": other}, 409, "overlay_key_mismatch"),
+        ("u-nosuch", {"public_key": pub}, 404, "overlay_certificate_not_found"),
+        (cluster.members[0].id, {"public_key": pub}, 404, "overlay_certificate_not_found"),
+    )
+    for who, body, status, code in refusals:
+        with pytest.raises(LoomAPIError) as err:
+            client.request("POST", f"/v1/clusters/{cluster.id}/overlay/{who}/renew", json=body)
+        assert (err.value.status, err.value.code) == (status, code), err.value
+    # Revoked: no more renewals for it.
+    client.request("DELETE", f"/v1/clusters/{cluster.id}/overlay/{name}")
+    with pytest.raises(LoomAPIError) as err:
+        client.request(
+            "POST", f"/v1/clusters/{cluster.id}/overlay/{name}/renew", json={"public_key": pub}
+        )
+    assert err.value.status == 404
+
+
+def test_connect_renews_its_certificate_while_it_runs(
+    coordinator: CoordinatorThread, client: LoomClient, agents: FakeAgents, tmp_path: Path
+) -> None:
+    """`loom cluster connect`'s loop (``stay``) with a real Nebula (tun disabled: no root
+    needed) and the real API: once a third of the lifetime is left (the clock moved on),
+    it renews, swaps the file and Nebula reloads it; a failed renewal is retried."""
+    client.request("POST", "/v1/credits/deposit", json={"amount": "1000"})
+    _available(coordinator, agents, 1)
+    client.create_cluster({"name": "s", "nodes": 1, "resources": {"cpus": 1}})
+    cluster = client.wait_cluster("s", timeout=30)
+    assert cluster.state == "running", cluster.reason
+    d = tmp_path / "connect"
+    d.mkdir()
+    subprocess.run(
+        ["nebula-cert", "keygen", "-out-key", str(d / "user.key"), "-out-pub", str(d / "u.pub")],
+        check=True,
+    )
+    pub = (d / "u.pub").read_text()
+    grant = OverlayGrant.model_validate(
+        client.request(
+            "POST", f"/v1/clusters/{cluster.id}/overlay", json={"public_key": pub}
+        ).json()
+    )
+    (d / "ca.crt").write_text(grant.ca_crt)
+    (d / "user.crt").write_text(grant.crt)
+    config = user_config(grant, d) | {"tun": {"disabled": True}, "logging": {"level": "info"}}
+    (d / "config.yml").write_text(json.dumps(config))
+    log = open(d / "nebula.log", "wb")
+    proc = subprocess.Popen(
+        ["nebula", "-config", str(d / "config.yml")], stdout=log, stderr=subprocess.STDOUT
+    )
+    name = cert_info(tmp_path, grant.crt)["name"]
+    offset = [0.0]
+    calls: list[str] = []
+    said: list[str] = []
+
+    def renew() -> OverlayGrant:
+        calls.append(name)
+        if len(calls) == 1:
+            raise LoomAPIError(503, "unavailable", "the coordinator is restarting (test)")
+        got = client.request(
+            "POST", f"/v1/clusters/{cluster.id}/overlay/{name}/renew", json={"public_key": pub}
+        ).json()
+        return OverlayGrant.model_validate(got)
+
+    taken: list[int] = []
+    loop = threading.Thread(
+        target=lambda: taken.append(
+            stay(proc, grant, d / "user.crt", renew, lambda: time.time() + offset[0], said.append)
+        )
+    )
+    try:
+        loop.start()
+        time.sleep(1.5)
+        assert calls == []  # not due yet
+        offset[0] = 2500.0  # 1100 s of 3600 left: due
+        deadline = time.time() + 30
+        while time.time() < deadline and "Client cert refreshed from disk" not in (
+            d / "nebula.log"
+        ).read_text(errors="replace"):
+            time.sleep(0.2)
+        assert "Client cert refreshed from disk" in (d / "nebula.log").read_text(errors="replace")
+        assert len(calls) == 2 and "failed" in said[0] and "renewed" in said[1], said
+        assert (d / "user.crt").read_text() != grant.crt
+        assert cert_info(tmp_path, (d / "user.crt").read_text())["name"] == name
+    finally:
+        proc.terminate()
+        loop.join(15)
+        log.close()
+    assert taken == [1] and not loop.is_alive()

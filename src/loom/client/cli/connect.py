@@ -18,6 +18,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,8 @@ from loom.client.sdk import LoomAPIError, LoomClient, LoomError
 from loom.protocol.overlay import OverlayGrant, OverlayJoin
 
 TUN_DEVICE = "loom-user"
+#: How often `connect` looks at the clock while Nebula runs (renewal due?).
+POLL_S = 5.0
 
 
 def user_config(grant: OverlayGrant, directory: Path) -> dict[str, object]:
@@ -95,11 +98,22 @@ def connect(
                 f"on the overlay of [bold]{cluster.name}[/] as {grant.overlay_ip}: "
                 f"Ray GCS at [bold]{cluster.head_address}[/] (head {head})\n"
                 + (f"Jobs API: ray job submit --address {jobs} -- python ...\n" if jobs else "")
-                + f"this certificate is valid for {hours:.1f} h: run connect again after that\n"
+                + f"this certificate is valid for {hours:.1f} h and renewed while connect runs\n"
                 f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(loom cluster token {cluster.name})\n"
                 "press Ctrl-C to leave"
             )
-            proc.wait()
+            cert_name = _cert_name(d / "user.crt") or ""
+
+            def renew() -> OverlayGrant:
+                with client_for(ctx) as loom:
+                    got = loom.request(
+                        "POST",
+                        f"/v1/clusters/{cluster.id}/overlay/{cert_name}/renew",
+                        json=OverlayJoin(public_key=public_key).model_dump(),
+                    ).json()
+                return OverlayGrant.model_validate(got)
+
+            stay(proc, grant, d / "user.crt", renew)
         except KeyboardInterrupt:
             pass
         finally:
@@ -110,6 +124,45 @@ def connect(
                 except subprocess.TimeoutExpired:
                     proc.kill()
             _revoke(ctx, cluster.id, d / "user.crt")
+
+
+def stay(
+    proc: subprocess.Popen[bytes],
+    grant: OverlayGrant,
+    crt: Path,
+    renew: Callable[[], OverlayGrant],
+    clock: Callable[[], float] = time.time,
+    say: Callable[[str], None] = console.print,
+) -> int:
+    """Until the local Nebula exits: renew its certificate once a third of its lifetime is
+    left, write it atomically and SIGHUP Nebula (it reloads its PKI and keeps its tunnels).
+    A failed renewal is said and retried (every 30 s at most, sooner near the expiry).
+    The clock is read every few seconds (a machine waking from sleep renews at once).
+    Returns how many renewals were taken."""
+    expires, lifetime = grant.expires_at, max(1.0, grant.expires_at - clock())
+    taken = 0
+    due = expires - lifetime / 3
+    while True:
+        try:
+            proc.wait(min(POLL_S, max(0.2, due - clock())))
+            return taken
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            fresh = renew()
+        except (LoomError, OSError, ValueError) as exc:
+            left = expires - clock()
+            say(f"[yellow]renewing the certificate failed ({exc}); {max(0, left):.0f} s left[/]")
+            due = clock() + max(1.0, min(30.0, left / 4))
+            continue
+        tmp = crt.with_suffix(".new")
+        tmp.write_text(fresh.crt)
+        tmp.replace(crt)
+        proc.send_signal(signal.SIGHUP)
+        taken += 1
+        expires, lifetime = fresh.expires_at, max(1.0, fresh.expires_at - clock())
+        due = expires - lifetime / 3
+        say(f"certificate renewed: valid for {lifetime / 3600:.1f} h")
 
 
 def _revoke(ctx: typer.Context, cluster_id: str, crt: Path) -> None:

@@ -265,6 +265,12 @@ class Book:
             await session.commit()
         if gone:
             raise GrantRefused(f"{holder} left cluster {cluster_id} while it was being signed")
+        return await self._grant_out(cluster_id, ip, crt, now + lifetime, now)
+
+    async def _grant_out(
+        self, cluster_id: str, ip: str, crt: str, expires_at: float, now: float
+    ) -> OverlayGrant:
+        """What a holder gets: its certificate, the lighthouses, the cluster's blocklist."""
         lighthouses = await self.lighthouses(now)
         if not lighthouses:
             raise RuntimeError("the overlay has no live lighthouse")
@@ -274,13 +280,26 @@ class Book:
             crt=crt,
             overlay_ip=ip,
             prefix_len=self.net.prefixlen,
-            group=group,
+            group=cluster_group(cluster_id),
             lighthouse_ip=first.ip,
             lighthouse_addresses=first.addresses,
             more_lighthouses=more[:7],
-            expires_at=now + lifetime,
+            expires_at=expires_at,
             blocklist=await self.blocklist(cluster_id, now),
         )
+
+    async def renew_grant(
+        self, holder: str, ends_at: float | None, now: float | None = None
+    ) -> OverlayGrant | None:
+        """A fresh certificate for the holder that asks for it itself (a user's ``cluster
+        connect``): renewed, recorded as in use, as a whole grant (None: unknown)."""
+        now = time.time() if now is None else now
+        entry = await self.entry(holder, now)
+        renewal = await self.renew(holder, ends_at, now)
+        if entry is None or renewal is None:
+            return None
+        await self.renewed(renewal, now)
+        return await self._grant_out(entry.cluster, entry.ip, renewal.crt, renewal.expires_at, now)
 
     async def entry(self, holder: str, now: float | None = None) -> Entry | None:
         now = time.time() if now is None else now

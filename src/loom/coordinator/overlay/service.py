@@ -238,7 +238,7 @@ async def renew_step(state: Any, now: float | None = None) -> list[str]:
 
     Returns the member ids whose agent took a renewed certificate. A member of a cluster
     that ended (or a member that ended) gets none; its address is released if its cluster
-    is over. A user certificate (``cluster connect``) is not renewed here: run connect again.
+    is over. A user certificate (``cluster connect``) is not renewed here: connect asks itself.
     """
     overlay = current(state)
     if overlay is None:
