@@ -393,3 +393,44 @@ def test_serve_refuses_a_replica_without_the_networks_ca(tmp_path: Path, db_url:
         assert done.returncode == 2, (done.stdout, done.stderr)
         assert says in done.stderr and "created by replica r1" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+LIGHTHOUSE_HOST = """
+import asyncio, sys
+from pathlib import Path
+from loom.coordinator.overlay.authority import Authority, OverlaySettings
+from loom.coordinator.overlay.lighthouse import Lighthouse
+
+async def main():
+    settings = OverlaySettings(
+        listen=sys.argv[2], advertise="", network="10.250.0.0/24", data_dir=Path(sys.argv[1])
+    )
+    lighthouse = Lighthouse(Authority(settings))
+    await lighthouse.start()
+    print(lighthouse.proc.pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_the_lighthouse_dies_with_a_sigkilled_coordinator(tmp_path: Path) -> None:
+    """An orphaned lighthouse would hold the UDP port, and the restarted coordinator's own
+    lighthouse could not bind it: it gets SIGTERM when its coordinator dies, however."""
+    host = subprocess.Popen(
+        [sys.executable, "-c", LIGHTHOUSE_HOST, str(tmp_path / "o"), f"127.0.0.1:{free_port()}"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert host.stdout is not None
+    pid = int(host.stdout.readline())
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"nebula")
+    host.kill()  # SIGKILL: no clean-up code of the coordinator runs
+    host.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.1)
+    alive = Path(f"/proc/{pid}").exists()
+    if alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "the lighthouse outlived its coordinator"

@@ -41,6 +41,14 @@ def nebula_binary() -> str:
     return found
 
 
+def _dies_with_parent() -> list[str]:
+    """A prefix that makes the lighthouse get SIGTERM when its coordinator dies, even by
+    SIGKILL (``setpriv --pdeathsig``): an orphan would keep the UDP port, and the
+    restarted coordinator's own lighthouse could not bind it."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+
+
 def lighthouse_config(
     authority: Authority, crt: Path, key: Path, blocklist: list[str]
 ) -> dict[str, object]:
@@ -127,6 +135,7 @@ class Lighthouse:
         out = open(self.log_path, "ab")  # noqa: SIM115, ASYNC230 - handed to the child
         try:
             return await asyncio.create_subprocess_exec(
+                *_dies_with_parent(),
                 nebula_binary(),
                 "-config",
                 str(self.config_path),
