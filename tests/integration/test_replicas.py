@@ -47,6 +47,8 @@ pytestmark = [
 ]
 
 NATS = "nats://127.0.0.1:4222"
+#: Replicas run the overlay where members can join it (root, Nebula, nftables: CI).
+OVERLAY = os.geteuid() == 0 and all(shutil.which(b) for b in ("nebula", "nft"))
 PG = backend() if is_postgres() else DEFAULT_PG
 DEPOSIT = "500"
 
@@ -127,12 +129,31 @@ def _meters(url: str) -> dict[str, int]:
 
 
 @pytest.mark.timeout(1200)
+def _overlay_args() -> list[str]:
+    """A replica's overlay options (as root with Nebula: CI), each its own lighthouse port."""
+    if not OVERLAY:
+        return []
+    udp = free_port()
+    return ["--overlay-listen", f"0.0.0.0:{udp}", "--overlay-advertise", f"127.0.0.1:{udp}"]
+
+
+def _copy_ca(source: Path, target: Path) -> None:
+    """What the operator does for every further replica: the first one's CA files."""
+    target.mkdir(parents=True, mode=0o700, exist_ok=True)
+    for name in ("ca.crt", "ca.key"):
+        shutil.copy2(source / name, target / name)
+
+
 def test_three_replicas_survive_the_heads_replica_dying(pg_url: str, tmp_path: Path) -> None:
+    """As root with Nebula (CI) the replicas also serve one overlay: a lighthouse each, the
+    CA copied from the first as an operator would; the head's replica dies with its
+    lighthouse, and the job goes on over the overlay."""
     names = ("ra", "rb", "rc")
     reps = {
         n: CoordinatorProcess(
             tmp_path / n, pg_url, free_port(), "--bus", NATS, "--replica-id", n,
             "--heartbeat-timeout", "10", "--settle-interval", "2", "--restart-grace", "20",
+            *_overlay_args(),
         )
         for n in names
     }  # fmt: skip
@@ -140,6 +161,9 @@ def test_three_replicas_survive_the_heads_replica_dying(pg_url: str, tmp_path: P
     user = KeyPair.generate()
     try:
         reps["ra"].start(timeout=240)  # migrates the schema first (slow on a loaded CI)
+        if OVERLAY:
+            _copy_ca(tmp_path / "ra" / "overlay", tmp_path / "rb" / "overlay")
+            _copy_ca(tmp_path / "ra" / "overlay", tmp_path / "rc" / "overlay")
         reps["rb"].start(timeout=240)
         reps["rc"].start(timeout=240)
         urls = {n: r.url for n, r in reps.items()}
@@ -161,6 +185,10 @@ def test_three_replicas_survive_the_heads_replica_dying(pg_url: str, tmp_path: P
             print(f"\ncluster formed through ra in {time.monotonic() - t0:.1f} s")
             members = _members(pg_url, ready.id)
             assert len(members) == 2
+            if OVERLAY:  # on the one overlay, whichever replica signed (ra, through its loop)
+                ips = [m.overlay_ip for m in ready.members]
+                assert all(ips) and len(set(ips)) == 2, ready.members
+                assert ready.head_address.split(":")[0] in ips, ready.head_address
             head_node = next(m.node_id for m in ready.members if m.role == "head")
             victim = _holders(pg_url)[head_node][0]
             assert victim in ("rb", "rc")
