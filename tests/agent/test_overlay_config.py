@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from loom.agent.netns import MemberNet, host_addresses
-from loom.agent.overlay import lighthouse_hosts, member_config
+from loom.agent.netns import MemberNet, NetnsManager, host_addresses
+from loom.agent.overlay import MemberOverlay, lighthouse_hosts, member_config
 from loom.protocol.overlay import OverlayGrant
 
 CRT = "-----BEGIN NEBULA CERTIFICATE-----\nAAAA\n-----END NEBULA CERTIFICATE-----\n"
@@ -55,3 +55,72 @@ def test_the_config_points_at_the_agents_own_key_and_carries_none(tmp_path: Path
     firewall = config["firewall"]
     assert isinstance(firewall, dict)
     assert firewall["inbound"] == [{"port": "any", "proto": "any", "group": "c1"}]
+
+
+def test_the_config_punches_back_within_the_first_handshake_try() -> None:
+    """The peer's punch must come before Nebula's second try, when it first relays."""
+    config = member_config(_grant("203.0.113.1:4242"), NET, Path("/nonexistent"))
+    punchy, handshakes = config["punchy"], config["handshakes"]
+    assert isinstance(punchy, dict) and isinstance(handshakes, dict)
+    assert punchy["punch"] and punchy["respond"]
+    assert _ms(punchy["delay"]) < _ms(handshakes["try_interval"]) / 2
+    relay = config["relay"]
+    assert isinstance(relay, dict) and relay["use_relays"] and relay["relays"] == ["10.250.0.1"]
+
+
+def _ms(duration: object) -> float:
+    text = str(duration)
+    for unit, factor in (("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text.removesuffix(unit)) * factor
+    raise AssertionError(f"unexpected duration {duration!r}")
+
+
+#: Lines of Nebula 1.6.1's log (member h2 on the NAT topology), shortened where unread.
+_RECEIVED = (
+    'time="2026-12-01T20:46:58Z" level=info msg="Handshake message received" certName=h1 '
+    'fingerprint=70a2 handshake="map[stage:1 style:ix_psk0]" initiatorIndex={index} '
+    "issuer=98f8 remoteIndex=0 responderIndex=0 udpAddr={addr} vpnIp={peer}\n"
+)
+_ROAMED = (
+    'time="2026-12-01T20:47:01Z" level=info msg="Host roamed to new udp ip/port." certName=h1 '
+    'newAddr="198.51.100.11:4242" udpAddr="<nil>" vpnIp={peer}\n'
+)
+
+
+def _received(index: int, addr: str, peer: str = "10.250.1.1") -> str:
+    return _RECEIVED.format(index=index, addr=addr, peer=peer)
+
+
+def test_tunnels_read_from_the_log_direct_wins_within_one_handshake(tmp_path: Path) -> None:
+    overlay = MemberOverlay(_grant("203.0.113.1:4242"), NET, tmp_path, NetnsManager("loom-t0"))
+    log = overlay.log_path
+
+    def add(*lines: str) -> dict[str, bool]:
+        with open(log, "a") as f:
+            f.write("".join(lines))
+        return dict(overlay.read_tunnels())
+
+    # The direct copy of a handshake, then the relay's copy of the same one: direct.
+    log.write_text("")
+    assert add(_received(1, '"198.51.100.11:4242"'), _received(1, '"<nil>"')) == {
+        "10.250.1.1": False
+    }
+    assert not overlay.relayed
+    # A peer behind a symmetric NAT: only the relay's copy arrives.
+    assert add(_received(7, '"<nil>"', "10.250.1.3"))["10.250.1.3"] is True
+    # The relay's copy first, a direct one of the same handshake later: Nebula takes it.
+    assert add(_received(9, '"<nil>"', "10.250.1.4"))["10.250.1.4"] is True
+    assert add(_received(9, '"198.51.100.14:4242"', "10.250.1.4"))["10.250.1.4"] is False
+    # A new handshake replaces the tunnel, relayed this time ...
+    assert add(_received(2, '"<nil>"'))["10.250.1.1"] is True
+    # ... until the peer's packets come straight from it (Nebula roams to that address).
+    assert add(_ROAMED.format(peer="10.250.1.1"))["10.250.1.1"] is False
+    # The lighthouse is no peer; a half-written line waits for its end.
+    assert "10.250.0.1" not in add(_received(3, '"203.0.113.1:4242"', "10.250.0.1"))
+    with open(log, "a") as f:
+        f.write(_received(4, '"<nil>"', "10.250.1.9")[:-40])
+    assert "10.250.1.9" not in overlay.read_tunnels()
+    assert add(_received(4, '"<nil>"', "10.250.1.9")[-40:])["10.250.1.9"] is True
+    # Only a member all of whose tunnels are relayed is reported relayed.
+    assert not overlay.relayed

@@ -56,7 +56,19 @@ _RELOADED = b"Client cert refreshed from disk"
 _CA_RELOADED = b"Trusted CA certificates refreshed"
 KEY_FILE = "host.key"
 PUB_FILE = "host.pub"
-_HANDSHAKE = re.compile(r'msg="Handshake message received".*?udpAddr="?([^" ]+)"? vpnIp=([0-9.]+)')
+_HANDSHAKE = re.compile(
+    r'msg="Handshake message received".*? initiatorIndex=([0-9]+).*?'
+    r'udpAddr="?([^" ]+)"? vpnIp=([0-9.]+)'
+)
+#: A relayed tunnel that got a packet straight from the peer moves to that address.
+_ROAMED = re.compile(r'msg="Host roamed to new udp ip/port\.".*? vpnIp=([0-9.]+)')
+#: How long the peer that a lighthouse query reaches waits before punching back. Well
+#: under ``handshakes.try_interval``: Nebula 1.6.1 sends its first relayed handshake on
+#: its second try (one interval after the first direct one), so a punch that comes in
+#: time lets that try's direct packet through first (Nebula's default, 1 s, never does,
+#: and 1.6 never moves a relayed tunnel to a direct path later). Not 0: the punch should
+#: reach the querier's NAT after the querier's own first packet left it.
+PUNCH_DELAY = "10ms"
 
 ReportFn = Callable[[str, dict[str, Any]], Awaitable[None]]
 
@@ -149,7 +161,7 @@ def member_config(
         "static_host_map": {grant.lighthouse_ip: hosts},
         "lighthouse": {"am_lighthouse": False, "interval": 30, "hosts": [grant.lighthouse_ip]},
         "listen": {"host": "0.0.0.0", "port": NEBULA_PORT},
-        "punchy": {"punch": True, "respond": True, "delay": "1s"},
+        "punchy": {"punch": True, "respond": True, "delay": PUNCH_DELAY},
         "relay": {"relays": [grant.lighthouse_ip], "am_relay": False, "use_relays": True},
         "tun": {"dev": TUN_DEVICE, "mtu": TUN_MTU, "drop_local_broadcast": True},
         "logging": {"level": "info", "format": "text"},
@@ -177,6 +189,8 @@ class MemberOverlay:
         self.log_path = directory / "nebula.log"
         #: Overlay address of each peer -> whether its tunnel runs through the relay.
         self.peers: dict[str, bool] = {}
+        #: Overlay address of each peer -> the handshake (initiator index) of its tunnel.
+        self._handshakes: dict[str, str] = {}
         self._log_offset = 0
         self._watch: asyncio.Task[None] | None = None
         #: Seconds each step took: "nebula" (start to tun up), "reach_head" (worker only).
@@ -365,8 +379,12 @@ class MemberOverlay:
     def read_tunnels(self) -> dict[str, bool]:
         """Update :attr:`peers` from the new lines of Nebula's log (handshakes completed).
 
-        Nebula logs each completed handshake with the peer's UDP address, or ``<nil>`` when
-        it came through a relay. The lighthouse itself is not a peer.
+        Nebula logs each handshake message it receives with the peer's UDP address, or
+        ``<nil>`` when it came through a relay. The same handshake (initiator index) often
+        arrives both ways, the relay's copy second: Nebula keeps the direct address then,
+        and takes a direct copy that comes after a relayed one, so within one handshake
+        direct wins. A new handshake replaces the tunnel; a relayed tunnel that hears from
+        the peer directly roams to it. The lighthouse itself is not a peer.
         """
         try:
             with open(self.log_path, "rb") as f:
@@ -378,8 +396,17 @@ class MemberOverlay:
         self._log_offset += end
         for line in chunk[:end].decode(errors="replace").splitlines():
             found = _HANDSHAKE.search(line)
-            if found and found.group(2) != self.grant.lighthouse_ip:
-                self.peers[found.group(2)] = found.group(1) == "<nil>"
+            if found:
+                index, addr, peer = found.groups()
+                if peer == self.grant.lighthouse_ip:
+                    continue
+                relayed = addr == "<nil>"
+                if self._handshakes.get(peer) == index:
+                    relayed = relayed and self.peers.get(peer, True)
+                self._handshakes[peer] = index
+                self.peers[peer] = relayed
+            elif (roamed := _ROAMED.search(line)) and roamed.group(1) in self.peers:
+                self.peers[roamed.group(1)] = False
         return self.peers
 
     @property
