@@ -124,3 +124,10 @@ def test_tunnels_read_from_the_log_direct_wins_within_one_handshake(tmp_path: Pa
     assert add(_received(4, '"<nil>"', "10.250.1.9")[-40:])["10.250.1.9"] is True
     # Only a member all of whose tunnels are relayed is reported relayed.
     assert not overlay.relayed
+
+
+def test_the_config_gives_nebulas_socket_large_buffers() -> None:
+    """The system's default receive buffer lost datagrams of a bulk stream (bench/overlay.py)."""
+    listen = member_config(_grant("203.0.113.1:4242"), NET, Path("/nonexistent"))["listen"]
+    assert isinstance(listen, dict)
+    assert listen["read_buffer"] >= 8 << 20 and listen["write_buffer"] >= 8 << 20

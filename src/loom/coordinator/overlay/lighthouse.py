@@ -21,6 +21,8 @@ from loom.coordinator.overlay.authority import Authority, OverlayConfigError
 
 log = logging.getLogger(__name__)
 
+#: The UDP socket's buffers (bench/overlay.py: a relay that drops nothing is 1.2-1.3x faster).
+SOCKET_BUFFER = 8 << 20
 #: Restarts back off up to this many seconds after repeated quick deaths.
 MAX_BACKOFF_S = 10.0
 #: How long the lighthouse may take to log that it reloaded its CA pool (and blocklist).
@@ -50,7 +52,15 @@ def lighthouse_config(authority: Authority, crt: Path, key: Path) -> dict[str, o
         },
         "static_host_map": {},
         "lighthouse": {"am_lighthouse": True, "interval": 60},
-        "listen": {"host": settings.listen_host, "port": settings.listen_port},
+        # The relay's socket buffers, as a member's (loom.agent.overlay.SOCKET_BUFFER):
+        # SO_RCVBUFFORCE needs CAP_NET_ADMIN; without it Nebula logs an error and keeps
+        # the system's default.
+        "listen": {
+            "host": settings.listen_host,
+            "port": settings.listen_port,
+            "read_buffer": SOCKET_BUFFER,
+            "write_buffer": SOCKET_BUFFER,
+        },
         "punchy": {"punch": True, "respond": True},
         "relay": {"am_relay": True, "use_relays": False},
         "tun": {"disabled": True},
