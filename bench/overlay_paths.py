@@ -82,7 +82,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--delays", default=f"1s,{PUNCH_DELAY}")
     args = parser.parse_args()
-    if shutil.which("nebula") is None or shutil.which("conntrack") is None:
+    if any(shutil.which(tool) is None for tool in ("nebula", "conntrack", "ping")):
         print("needs nebula, conntrack and ping (apt-get install ...)", file=sys.stderr)
         return 2
     topo = Topology(public=PUBLIC).build()
