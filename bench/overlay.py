@@ -10,10 +10,14 @@ address and one Nebula per home (no Ray), then measures TCP throughput, median o
 
 Each is measured on the bare veth links (the direct path is then a memory copy: the ratio
 is Nebula's CPU cost, not a network's) and with every home's uplink shaped by ``tc tbf``
-both ways (models of internet links, ``--shape``), for tun MTU 1300 (Nebula's default and a
-member's, ``loom.agent.overlay.TUN_MTU``) and 1420 (also with 8 MiB socket buffers).
+both ways (models of internet links, ``--shape``), for each Nebula variant of
+``--variants`` (:data:`VARIANTS`: a member's config, ``loom.agent.overlay``, and changes to
+it). Each line also says how many bytes the coordinator's link received per byte sent
+(about 1 when relayed: it comes in once, goes out once; 0 when direct): "overlay" must be
+direct.
 
-    sudo .venv/bin/python bench/overlay.py [--runs 5] [--mb 100] [--shape 1gbit,100mbit]
+    sudo .venv/bin/python bench/overlay.py [--runs 5] [--mb 100] [--shape 1gbit,100mbit] \
+        [--variants member,mtu1440,routines2]
 
 Needs root, iproute2, nftables and nebula. Ray over the overlay (a 256 MB object, time to
 cluster across NAT vs one machine) is measured by bench/overlay_cluster.py.
@@ -33,14 +37,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from loom.agent.overlay import TUN_MTU
-from support.nat import COORD_IP, SYMMETRIC, Topology
+from loom.agent.overlay import PUNCH_DELAY, SOCKET_BUFFER, TUN_MTU
+from support.nat import SYMMETRIC, Topology
 
 LH_PORT = 14299
 SINK_PORT = 9500
 TC_ADD = ["ip", "netns", "exec"]
-#: The socket buffers of the "tuned" variant (Nebula's listen.read_buffer/write_buffer).
-SOCKET_BUFFER = 8 << 20
+#: This bench's "internet" (not the NAT tests' 203.0.113/24: both can run at once).
+PUBLIC = "198.18.9"
+#: Changes to a member's Nebula config (a home's), by name. cipher is network-wide
+#: (the lighthouse gets it too). mtu8940 needs IP fragmentation on a 1500-byte underlay.
+VARIANTS: dict[str, dict[str, object]] = {
+    "member": {},
+    "systembuffers": {"listen": {"read_buffer": 0, "write_buffer": 0}},  # before 2026-12-01
+    "buffers32m": {"listen": {"read_buffer": 32 << 20, "write_buffer": 32 << 20}},
+    "mtu1440": {"tun": {"mtu": 1440}},  # 1440 + 60 (IPv4, UDP, Nebula) = 1500
+    "mtu8940": {"tun": {"mtu": 8940}},  # carried no TCP at all here (timed out)
+    "routines2": {"routines": 2},
+    "txqueue5000": {"tun": {"tx_queue": 5000}},
+    "chachapoly": {"cipher": "chachapoly"},
+}
 
 
 def tbf(rate: str) -> list[str]:
@@ -87,7 +103,20 @@ def certs(d: Path) -> None:
         run("sign", "-name", f"h{i}", "-ip", f"{ip}/16", "-groups", "c1")
 
 
-def nebula_config(d: Path, name: str, lighthouse: bool, mtu: int, tuned: bool) -> Path:
+def merged(base: dict[str, object], change: dict[str, object]) -> dict[str, object]:
+    out = dict(base)
+    for key, value in change.items():
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out[key] = {**old, **value}
+        else:
+            out[key] = value
+    return out
+
+
+def nebula_config(
+    topo: Topology, d: Path, name: str, lighthouse: bool, change: dict[str, object]
+) -> Path:
     cfg: dict[str, object] = {
         "pki": {
             "ca": str(d / "ca.crt"),
@@ -100,27 +129,39 @@ def nebula_config(d: Path, name: str, lighthouse: bool, mtu: int, tuned: bool) -
         },
         "logging": {"level": "warning"},
     }
-    listen: dict[str, object] = {"host": "0.0.0.0", "port": 4242}
-    if tuned:
-        listen |= {"read_buffer": SOCKET_BUFFER, "write_buffer": SOCKET_BUFFER}
     if lighthouse:
         cfg.update(
             static_host_map={},
             lighthouse={"am_lighthouse": True},
-            listen={**listen, "host": COORD_IP, "port": LH_PORT},
             relay={"am_relay": True},
             tun={"disabled": True},
         )
+        # The coordinator's (loom.coordinator.overlay.lighthouse), then the variant's
+        # cipher and socket buffers (the relay's too).
+        cfg["listen"] = {
+            "host": topo.coord_ip,
+            "port": LH_PORT,
+            "read_buffer": SOCKET_BUFFER,
+            "write_buffer": SOCKET_BUFFER,
+        }
+        cfg = merged(cfg, {k: v for k, v in change.items() if k in ("cipher", "listen")})
     else:
+        # A member's settings (loom.agent.overlay.member_config), then the variant's.
         cfg.update(
-            static_host_map={"10.250.0.1": [f"{COORD_IP}:{LH_PORT}"]},
+            static_host_map={"10.250.0.1": [f"{topo.coord_ip}:{LH_PORT}"]},
             lighthouse={"hosts": ["10.250.0.1"], "interval": 30},
-            listen=listen,
-            punchy={"punch": True, "respond": True, "delay": "1s"},
+            listen={
+                "host": "0.0.0.0",
+                "port": 4242,
+                "read_buffer": SOCKET_BUFFER,
+                "write_buffer": SOCKET_BUFFER,
+            },
+            punchy={"punch": True, "respond": True, "delay": PUNCH_DELAY},
             relay={"relays": ["10.250.0.1"], "use_relays": True},
-            tun={"dev": "nebula1", "mtu": mtu},
+            tun={"dev": "nebula1", "mtu": TUN_MTU},
             handshakes={"try_interval": "100ms", "retries": 20},
         )
+        cfg = merged(cfg, change)
     path = d / f"{name}.yml"
     path.write_text(json.dumps(cfg))
     return path
@@ -143,6 +184,23 @@ def shape(topo: Topology, rate: str | None) -> None:
                 )
 
 
+def coordinator_rx(topo: Topology) -> int:
+    """Bytes the coordinator's link has received (relayed traffic crosses it twice)."""
+    out = subprocess.run(
+        ["ip", "-s", "-j", "link", "show", f"ltc{topo.tag}"], capture_output=True, text=True
+    ).stdout
+    return int(json.loads(out)[0]["stats64"]["rx"]["bytes"])
+
+
+def udp_drops(netns: str | None) -> int:
+    """UDP datagrams dropped for a full receive buffer in ``netns`` (RcvbufErrors)."""
+    if netns is None:
+        return 0
+    snmp = subprocess.run([*ns(netns), "cat", "/proc/net/snmp"], capture_output=True, text=True)
+    names, values = [line.split() for line in snmp.stdout.splitlines() if line.startswith("Udp:")]
+    return int(values[names.index("RcvbufErrors")])
+
+
 def throughput(prefix: list[str], host: str, mb: int) -> float:
     done = subprocess.run(
         [*prefix, sys.executable, "-c", SOURCE, host, str(SINK_PORT), str(mb)],
@@ -156,21 +214,23 @@ def throughput(prefix: list[str], host: str, mb: int) -> float:
 
 
 def measure(
-    topo: Topology, d: Path, runs: int, mb: int, mtu: int, tuned: bool
-) -> dict[str, list[float]]:
-    """One round: a lighthouse and three homes' Nebula, TCP throughput of each path."""
+    topo: Topology, d: Path, runs: int, mb: int, change: dict[str, object]
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """One round: a lighthouse and three homes' Nebula, TCP throughput of each path, the
+    bytes through the coordinator per byte sent on each, and the UDP datagrams the
+    receiving home's Nebula lost to a full socket buffer."""
     procs: list[subprocess.Popen[bytes]] = []
     log = open(d / "nebula.log", "ab")  # noqa: SIM115
     try:
         procs.append(
             subprocess.Popen(
-                ["nebula", "-config", str(nebula_config(d, "lh", True, mtu, tuned))],
+                ["nebula", "-config", str(nebula_config(topo, d, "lh", True, change))],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         )
         for i in OVERLAY:
-            cfg = nebula_config(d, f"h{i}", False, mtu, tuned)
+            cfg = nebula_config(topo, d, f"h{i}", False, change)
             procs.append(
                 subprocess.Popen(
                     [*ns(topo.suppliers[i]), "nebula", "-config", str(cfg)],
@@ -178,9 +238,8 @@ def measure(
                     stderr=subprocess.STDOUT,
                 )
             )
-        router2 = topo.namespaces[topo.namespaces.index(topo.suppliers[2]) - 1]
         sinks = [
-            (ns(router2), "203.0.113.12"),
+            (ns(topo.router(2)), f"{topo.public}.12"),
             (ns(topo.suppliers[2]), OVERLAY[2]),
             (ns(topo.suppliers[SYMMETRIC]), OVERLAY[SYMMETRIC]),
         ]
@@ -193,11 +252,20 @@ def measure(
             procs.append(p)
         src = ns(topo.suppliers[1])
         results: dict[str, list[float]] = {"direct": [], "overlay": [], "relay": []}
+        via: dict[str, float] = {}
+        drops: dict[str, int] = {}
+        receiver = {"direct": None, "overlay": topo.host(2), "relay": topo.host(SYMMETRIC)}
         for name, (_, host) in zip(results, sinks, strict=True):
-            throughput(src, host, 5)  # warm-up: handshakes, relay set-up
-            for _ in range(runs):
-                results[name].append(throughput(src, host, mb))
-        return results
+            try:
+                throughput(src, host, 5)  # warm-up: handshakes, relay set-up
+                before, dropped = coordinator_rx(topo), udp_drops(receiver[name])
+                for _ in range(runs):
+                    results[name].append(throughput(src, host, mb))
+            except RuntimeError as exc:
+                raise RuntimeError(f"{name} (after {results[name]}): {exc}") from None
+            via[name] = (coordinator_rx(topo) - before) / (runs * mb * 2**20)
+            drops[name] = udp_drops(receiver[name]) - dropped
+        return results, via, drops
     finally:
         for p in procs:
             p.kill()
@@ -205,11 +273,22 @@ def measure(
         log.close()
 
 
-def report(label: str, results: dict[str, list[float]], runs: int, mb: int) -> None:
+def report(
+    label: str,
+    results: dict[str, list[float]],
+    via: dict[str, float],
+    drops: dict[str, int],
+    runs: int,
+    mb: int,
+) -> None:
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"{label}: TCP throughput, median of {runs} x {mb} MB (Mbit/s)")
     for k, v in med.items():
-        print(f"  {k:8s} {v:9.0f}   runs {[round(x) for x in results[k]]}")
+        runs_s = [round(x) for x in results[k]]
+        print(
+            f"  {k:8s} {v:9.0f}   runs {runs_s}   via coordinator {via[k]:.2f} B/B"
+            f"   receiver's UDP buffer drops {drops[k]}"
+        )
     print(f"  overlay/direct = {med['overlay'] / med['direct']:.2f} (target >= 0.5)")
     print(f"  relay/direct   = {med['relay'] / med['direct']:.2f}", flush=True)
 
@@ -224,30 +303,36 @@ def main() -> int:
         help="tc tbf rates of each home's modelled internet link, comma separated ('' = veth only)",
     )
     parser.add_argument(
-        "--mtus",
-        default="1300,1420",
-        help=f"tun MTUs to compare (a member's is {TUN_MTU}); the largest also runs with "
-        "8 MiB socket buffers",
+        "--variants",
+        default="member,systembuffers,mtu1440",
+        help=f"Nebula variants to compare, of {','.join(VARIANTS)} (member: tun mtu {TUN_MTU})",
     )
     args = parser.parse_args()
     if shutil.which("nebula") is None:
         print("needs nebula (apt-get install nebula)", file=sys.stderr)
         return 2
-    topo = Topology().build()
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        print(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    topo = Topology(public=PUBLIC).build()
+    topo.open_port(2, SINK_PORT)  # the "direct" sink runs on router 2 itself
     d = Path(tempfile.mkdtemp(prefix="loom-bench-overlay-"))
     try:
         certs(d)
-        mtus = sorted({int(m) for m in args.mtus.split(",") if m})
         for rate in [None, *[r for r in args.shape.split(",") if r]]:
             shape(topo, rate)
             link = f"links shaped to {rate} (tbf)" if rate else "veth links (a memory copy)"
-            for mtu in mtus:
-                for tuned in (False, True) if mtu == mtus[-1] else (False,):
-                    extra = f", socket buffers {SOCKET_BUFFER >> 20} MiB" if tuned else ""
-                    label = f"{link}, tun mtu {mtu}{extra}"
-                    report(
-                        label, measure(topo, d, args.runs, args.mb, mtu, tuned), args.runs, args.mb
-                    )
+            for name in names:
+                label = f"{link}, {name} {VARIANTS[name]}"
+                try:
+                    results, via, drops = measure(topo, d, args.runs, args.mb, VARIANTS[name])
+                except RuntimeError as exc:  # a path that carries nothing (a TCP timeout)
+                    lines = str(exc).strip().splitlines()
+                    print(f"{label}: failed: {lines[0]} ... {lines[-1]}", flush=True)
+                    continue
+                report(label, results, via, drops, args.runs, args.mb)
         return 0
     finally:
         topo.destroy()

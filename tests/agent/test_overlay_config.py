@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from loom.agent.netns import MemberNet, host_addresses
-from loom.agent.overlay import lighthouse_hosts, member_config
+from loom.agent.netns import MemberNet, NetnsManager, host_addresses
+from loom.agent.overlay import MemberOverlay, lighthouse_hosts, member_config
 from loom.protocol.overlay import LighthouseRef, OverlayGrant
 
 CRT = "-----BEGIN NEBULA CERTIFICATE-----\nAAAA\n-----END NEBULA CERTIFICATE-----\n"
@@ -80,3 +80,79 @@ def test_every_lighthouse_of_the_network_is_a_host_and_a_relay(tmp_path: Path) -
     assert lighthouse["hosts"] == relay["relays"] == ["10.250.0.1", "10.250.0.2", "10.250.0.3"]
     # A grant without the new field (an older coordinator) still means one lighthouse.
     assert list(_grant("203.0.113.1:4242").lighthouses()) == ["10.250.0.1"]
+
+
+def test_the_config_punches_back_within_the_first_handshake_try() -> None:
+    """The peer's punch must come before Nebula's second try, when it first relays."""
+    config = member_config(_grant("203.0.113.1:4242"), NET, Path("/nonexistent"))
+    punchy, handshakes = config["punchy"], config["handshakes"]
+    assert isinstance(punchy, dict) and isinstance(handshakes, dict)
+    assert punchy["punch"] and punchy["respond"]
+    assert _ms(punchy["delay"]) < _ms(handshakes["try_interval"]) / 2
+    relay = config["relay"]
+    assert isinstance(relay, dict) and relay["use_relays"] and relay["relays"] == ["10.250.0.1"]
+
+
+def _ms(duration: object) -> float:
+    text = str(duration)
+    for unit, factor in (("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text.removesuffix(unit)) * factor
+    raise AssertionError(f"unexpected duration {duration!r}")
+
+
+#: Lines of Nebula 1.6.1's log (member h2 on the NAT topology), shortened where unread.
+_RECEIVED = (
+    'time="2026-12-01T20:46:58Z" level=info msg="Handshake message received" certName=h1 '
+    'fingerprint=70a2 handshake="map[stage:1 style:ix_psk0]" initiatorIndex={index} '
+    "issuer=98f8 remoteIndex=0 responderIndex=0 udpAddr={addr} vpnIp={peer}\n"
+)
+_ROAMED = (
+    'time="2026-12-01T20:47:01Z" level=info msg="Host roamed to new udp ip/port." certName=h1 '
+    'newAddr="198.51.100.11:4242" udpAddr="<nil>" vpnIp={peer}\n'
+)
+
+
+def _received(index: int, addr: str, peer: str = "10.250.1.1") -> str:
+    return _RECEIVED.format(index=index, addr=addr, peer=peer)
+
+
+def test_tunnels_read_from_the_log_direct_wins_within_one_handshake(tmp_path: Path) -> None:
+    overlay = MemberOverlay(_grant("203.0.113.1:4242"), NET, tmp_path, NetnsManager("loom-t0"))
+    log = overlay.log_path
+
+    def add(*lines: str) -> dict[str, bool]:
+        with open(log, "a") as f:
+            f.write("".join(lines))
+        return dict(overlay.read_tunnels())
+
+    # The direct copy of a handshake, then the relay's copy of the same one: direct.
+    log.write_text("")
+    assert add(_received(1, '"198.51.100.11:4242"'), _received(1, '"<nil>"')) == {
+        "10.250.1.1": False
+    }
+    assert not overlay.relayed
+    # A peer behind a symmetric NAT: only the relay's copy arrives.
+    assert add(_received(7, '"<nil>"', "10.250.1.3"))["10.250.1.3"] is True
+    # The relay's copy first, a direct one of the same handshake later: Nebula takes it.
+    assert add(_received(9, '"<nil>"', "10.250.1.4"))["10.250.1.4"] is True
+    assert add(_received(9, '"198.51.100.14:4242"', "10.250.1.4"))["10.250.1.4"] is False
+    # A new handshake replaces the tunnel, relayed this time ...
+    assert add(_received(2, '"<nil>"'))["10.250.1.1"] is True
+    # ... until the peer's packets come straight from it (Nebula roams to that address).
+    assert add(_ROAMED.format(peer="10.250.1.1"))["10.250.1.1"] is False
+    # The lighthouse is no peer; a half-written line waits for its end.
+    assert "10.250.0.1" not in add(_received(3, '"203.0.113.1:4242"', "10.250.0.1"))
+    with open(log, "a") as f:
+        f.write(_received(4, '"<nil>"', "10.250.1.9")[:-40])
+    assert "10.250.1.9" not in overlay.read_tunnels()
+    assert add(_received(4, '"<nil>"', "10.250.1.9")[-40:])["10.250.1.9"] is True
+    # Only a member all of whose tunnels are relayed is reported relayed.
+    assert not overlay.relayed
+
+
+def test_the_config_gives_nebulas_socket_large_buffers() -> None:
+    """The system's default receive buffer lost datagrams of a bulk stream (bench/overlay.py)."""
+    listen = member_config(_grant("203.0.113.1:4242"), NET, Path("/nonexistent"))["listen"]
+    assert isinstance(listen, dict)
+    assert listen["read_buffer"] >= 8 << 20 and listen["write_buffer"] >= 8 << 20

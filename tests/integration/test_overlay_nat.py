@@ -193,6 +193,16 @@ def test_three_homes_behind_nat_form_one_cluster(
             30,
             "the symmetric-NAT member reported as relayed",
         )
+        # ... and only it: the two behind cone NATs reach each other directly.
+        wait_for(
+            lambda: all(
+                m.relayed is False
+                for m in client.cluster("nat").members
+                if m.node_name != f"home-{SYMMETRIC}"
+            ),
+            30,
+            "the cone-NAT members reported as not relayed",
+        )
         # Another cluster's member (its own overlay certificate, another group) cannot open
         # anything on this cluster's overlay addresses; this cluster's own members can.
         # (on a second agent of home 1: the same host as one of this cluster's members)

@@ -5,6 +5,13 @@ root ns: 203.0.113.1 (the coordinator's "public" address) ──┐
   ├── router r1 (203.0.113.11, masquerade)             ── supplier s1 192.168.71.2
   ├── router r2 (203.0.113.12, masquerade)             ── supplier s2 192.168.72.2
   └── router r3 (203.0.113.13, masquerade fully-random: a symmetric NAT) ── s3
+
+Each router is a home router: masquerade, and nothing on its WAN side reaches the router
+itself unless it answers something sent from inside (input chain: drop). That matters for
+hole punching. A router that accepted unsolicited input (the first version of this
+topology) confirms a conntrack entry for the peer's first, unanswered packet; its own
+member's punch back to that peer then clashes with that entry and leaves on a random
+port, so two Linux NATs could never be punched through (only a relay worked).
 """
 
 from __future__ import annotations
@@ -109,6 +116,21 @@ class Topology:
                     f'  oifname "wan" masquerade{random}\n }}\n}}\n'
                 ),
             )
+            # A home router's firewall: nothing from the internet reaches the router itself
+            # except replies (a dropped packet leaves no conntrack entry behind).
+            sh(
+                "nsenter",
+                f"--net=/run/netns/{router}",
+                "nft",
+                "-f",
+                "-",
+                stdin=(
+                    "table inet home {\n chain input {\n"
+                    "  type filter hook input priority filter; policy drop;\n"
+                    "  ct state established,related accept\n"
+                    '  iifname { "lo", "lan" } accept\n }\n}\n'
+                ),
+            )
             if i < 4:
                 self.suppliers[i] = supplier
             else:
@@ -118,6 +140,11 @@ class Topology:
     def router(self, i: int) -> str:
         """The namespace of home ``i``'s NAT router (4: the user's)."""
         return f"lt-{self.tag}-r{i}"
+
+    def open_port(self, i: int, port: int, proto: str = "tcp") -> None:
+        """Let the internet reach ``port`` on router ``i`` itself (a service on the router)."""
+        rule = ["inet", "home", "input", proto, "dport", str(port), "accept"]
+        sh("ip", "netns", "exec", self.router(i), "nft", "add", "rule", *rule)
 
     def host(self, i: int) -> str:
         """The namespace of home ``i``'s machine (1-3: suppliers, 4: the user's)."""

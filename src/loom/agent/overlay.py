@@ -36,15 +36,16 @@ from pathlib import Path
 from typing import Any
 
 from loom.agent.netns import MemberNet, NetnsError, NetnsManager, host_addresses
-from loom.protocol.overlay import OverlayGrant
+from loom.protocol.overlay import PUNCH_DELAY, SOCKET_BUFFER, OverlayGrant
 
 log = logging.getLogger(__name__)
 
 #: The UDP port of every member's Nebula (each member has its own namespace).
 NEBULA_PORT = 4242
 TUN_DEVICE = "nebula1"
-#: Nebula's default, safe on any internet path (1300 + 60 bytes of Nebula, UDP and IPv4).
-#: bench/overlay.py found no gain from 1420 or from larger socket buffers (docs/overlay.md).
+#: Nebula's default, safe on any internet path (1300 + 60 bytes of Nebula, UDP and IPv4),
+#: PPPoE's and a relay's extra header included. 1440 (1500 outside) was 10-20 % faster on a
+#: direct path in bench/overlay.py but fragments through the relay (docs/overlay.md).
 TUN_MTU = 1300
 START_TIMEOUT_S = 10.0
 #: How often a member's Nebula log is read for relayed tunnels.
@@ -56,7 +57,12 @@ _RELOADED = b"Client cert refreshed from disk"
 _CA_RELOADED = b"Trusted CA certificates refreshed"
 KEY_FILE = "host.key"
 PUB_FILE = "host.pub"
-_HANDSHAKE = re.compile(r'msg="Handshake message received".*?udpAddr="?([^" ]+)"? vpnIp=([0-9.]+)')
+_HANDSHAKE = re.compile(
+    r'msg="Handshake message received".*? initiatorIndex=([0-9]+).*?'
+    r'udpAddr="?([^" ]+)"? vpnIp=([0-9.]+)'
+)
+#: A relayed tunnel that got a packet straight from the peer moves to that address.
+_ROAMED = re.compile(r'msg="Host roamed to new udp ip/port\.".*? vpnIp=([0-9.]+)')
 
 ReportFn = Callable[[str, dict[str, Any]], Awaitable[None]]
 
@@ -150,8 +156,13 @@ def member_config(
         },
         "static_host_map": hosts,
         "lighthouse": {"am_lighthouse": False, "interval": 30, "hosts": list(hosts)},
-        "listen": {"host": "0.0.0.0", "port": NEBULA_PORT},
-        "punchy": {"punch": True, "respond": True, "delay": "1s"},
+        "listen": {
+            "host": "0.0.0.0",
+            "port": NEBULA_PORT,
+            "read_buffer": SOCKET_BUFFER,
+            "write_buffer": SOCKET_BUFFER,
+        },
+        "punchy": {"punch": True, "respond": True, "delay": PUNCH_DELAY},
         "relay": {"relays": list(hosts), "am_relay": False, "use_relays": True},
         "tun": {"dev": TUN_DEVICE, "mtu": TUN_MTU, "drop_local_broadcast": True},
         "logging": {"level": "info", "format": "text"},
@@ -179,6 +190,8 @@ class MemberOverlay:
         self.log_path = directory / "nebula.log"
         #: Overlay address of each peer -> whether its tunnel runs through the relay.
         self.peers: dict[str, bool] = {}
+        #: Overlay address of each peer -> the handshake (initiator index) of its tunnel.
+        self._handshakes: dict[str, str] = {}
         self._log_offset = 0
         self._watch: asyncio.Task[None] | None = None
         #: Seconds each step took: "nebula" (start to tun up), "reach_head" (worker only).
@@ -367,8 +380,12 @@ class MemberOverlay:
     def read_tunnels(self) -> dict[str, bool]:
         """Update :attr:`peers` from the new lines of Nebula's log (handshakes completed).
 
-        Nebula logs each completed handshake with the peer's UDP address, or ``<nil>`` when
-        it came through a relay. The lighthouse itself is not a peer.
+        Nebula logs each handshake message it receives with the peer's UDP address, or
+        ``<nil>`` when it came through a relay. The same handshake (initiator index) often
+        arrives both ways, the relay's copy second: Nebula keeps the direct address then,
+        and takes a direct copy that comes after a relayed one, so within one handshake
+        direct wins. A new handshake replaces the tunnel; a relayed tunnel that hears from
+        the peer directly roams to it. The lighthouse itself is not a peer.
         """
         try:
             with open(self.log_path, "rb") as f:
@@ -380,8 +397,17 @@ class MemberOverlay:
         self._log_offset += end
         for line in chunk[:end].decode(errors="replace").splitlines():
             found = _HANDSHAKE.search(line)
-            if found and found.group(2) not in self.grant.lighthouses():
-                self.peers[found.group(2)] = found.group(1) == "<nil>"
+            if found:
+                index, addr, peer = found.groups()
+                if peer in self.grant.lighthouses():
+                    continue
+                relayed = addr == "<nil>"
+                if self._handshakes.get(peer) == index:
+                    relayed = relayed and self.peers.get(peer, True)
+                self._handshakes[peer] = index
+                self.peers[peer] = relayed
+            elif (roamed := _ROAMED.search(line)) and roamed.group(1) in self.peers:
+                self.peers[roamed.group(1)] = False
         return self.peers
 
     @property

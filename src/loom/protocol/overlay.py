@@ -44,6 +44,20 @@ _PUBLIC_KEY = re.compile(
 )
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+# Nebula tuning shared by every Nebula Loom runs (members, lighthouses, ``cluster connect``).
+#: The UDP socket's receive and send buffers (``listen.read_buffer``/``write_buffer``, set
+#: with SO_RCVBUFFORCE: needs CAP_NET_ADMIN, else Nebula keeps the default). With the
+#: system's default (208 KiB) the receiving Nebula lost ~15 % of the datagrams of a bulk
+#: TCP stream to a full buffer whenever it was descheduled; 8 MiB: none, and 1.4-1.7x the
+#: throughput.
+SOCKET_BUFFER = 8 << 20
+#: How long the peer that a lighthouse query reaches waits before punching back. Well
+#: under ``handshakes.try_interval``: Nebula 1.6.1 sends its first relayed handshake on
+#: its second try (one interval after the first direct one), so a punch that comes in
+#: time lets that try's direct packet through first (Nebula's default, 1 s, never does,
+#: and 1.6 never moves a relayed tunnel to a direct path later). Not 0: the punch should
+#: reach the querier's NAT after the querier's own first packet left it.
+PUNCH_DELAY = "10ms"
 #: The most fingerprints one blocklist carries (a cluster's revoked, unexpired certificates).
 MAX_BLOCKLIST = 4096
 

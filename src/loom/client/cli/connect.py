@@ -26,7 +26,7 @@ import typer
 
 from loom.client.cli.common import EXIT_API, client_for, console, fail, globals_from
 from loom.client.sdk import LoomAPIError, LoomClient, LoomError
-from loom.protocol.overlay import OverlayGrant, OverlayJoin
+from loom.protocol.overlay import PUNCH_DELAY, SOCKET_BUFFER, OverlayGrant, OverlayJoin
 
 TUN_DEVICE = "loom-user"
 #: How often `connect` looks at the clock while Nebula runs (renewal due?).
@@ -43,8 +43,14 @@ def user_config(grant: OverlayGrant, directory: Path) -> dict[str, object]:
         },
         "static_host_map": grant.lighthouses(),
         "lighthouse": {"am_lighthouse": False, "interval": 30, "hosts": list(grant.lighthouses())},
-        "listen": {"host": "0.0.0.0", "port": 0},
-        "punchy": {"punch": True, "respond": True},
+        "listen": {
+            "host": "0.0.0.0",
+            "port": 0,
+            "read_buffer": SOCKET_BUFFER,
+            "write_buffer": SOCKET_BUFFER,
+        },
+        # Punch back in time for a direct tunnel to the head (the members' setting).
+        "punchy": {"punch": True, "respond": True, "delay": PUNCH_DELAY},
         "relay": {"relays": list(grant.lighthouses()), "use_relays": True},
         "tun": {"dev": TUN_DEVICE, "mtu": 1300},
         "logging": {"level": "warning"},
