@@ -15,6 +15,7 @@ never), and what the agent reads from each member's Nebula log
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -27,10 +28,8 @@ import pytest
 
 from loom.agent.netns import MemberNet, NetnsManager, unavailable_reason
 from loom.agent.overlay import TUN_DEVICE, MemberOverlay, generate_key, member_config
-from loom.coordinator.overlay.authority import Authority, OverlaySettings
-from loom.coordinator.overlay.lighthouse import Lighthouse
 from support.nat import SYMMETRIC, Topology, sh
-from support.servers import free_port
+from support.overlay_book import standalone_overlay
 
 pytestmark = [
     pytest.mark.slow,
@@ -137,19 +136,10 @@ def _tun_up(topo: Topology, home: int, ip: str) -> bool:
 async def test_cone_nats_get_direct_tunnels_and_only_the_symmetric_one_is_relayed(
     topology: Topology, tmp_path: Path
 ) -> None:
-    udp = free_port()
-    authority = Authority(
-        OverlaySettings(
-            listen=f"{topology.coord_ip}:{udp}",
-            advertise=f"{topology.coord_ip}:{udp}",
-            network="10.252.0.0/16",
-            data_dir=tmp_path / "overlay",
-            cert_lifetime_s=600.0,
-        )
+    stack = contextlib.AsyncExitStack()
+    standalone = await stack.enter_async_context(
+        standalone_overlay(tmp_path, "10.252.0.0/16", 600.0, host=topology.coord_ip)
     )
-    lighthouse = Lighthouse(authority)
-    await lighthouse.start()
-    supervisor = asyncio.create_task(lighthouse.run())
     netns = NetnsManager("loom-p0")  # only read_tunnels of MemberOverlay is used
     overlays: dict[int, MemberOverlay] = {}
     procs: list[subprocess.Popen[bytes]] = []
@@ -157,7 +147,7 @@ async def test_cone_nats_get_direct_tunnels_and_only_the_symmetric_one_is_relaye
         for home in (1, 2, 3):
             where = tmp_path / f"home{home}"
             public = await asyncio.to_thread(generate_key, where)
-            grant = await asyncio.to_thread(authority.grant, "c1", f"m{home}", None, public)
+            grant = await standalone.book.grant("c1", f"m{home}", None, public)
             net = MemberNet(f"unused-{home}", "unused", "10.201.0.1", "10.201.0.2", "c1", True)
             overlay = overlays[home] = MemberOverlay(grant, net, where, netns)
             (where / "ca.crt").write_text(grant.ca_crt)
@@ -197,6 +187,4 @@ async def test_cone_nats_get_direct_tunnels_and_only_the_symmetric_one_is_relaye
         for p in procs:
             p.kill()
             p.wait()
-        supervisor.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await supervisor
+        await stack.aclose()

@@ -30,15 +30,16 @@ class StandaloneOverlay:
 
 @contextlib.asynccontextmanager
 async def standalone_overlay(
-    tmp_path: Path, network: str, cert_lifetime_s: float | None = None
+    tmp_path: Path, network: str, cert_lifetime_s: float | None = None, host: str = ""
 ) -> AsyncIterator[StandaloneOverlay]:
     """A lighthouse on 0.0.0.0:<free port>, advertised on loopback as ``loom up`` does
-    (members reach it through their veth), signing into a fresh database's book."""
+    (members reach it through their veth), or on ``host`` (listening and advertised
+    there), signing into a fresh database's book."""
     udp = free_port()
     extra = {} if cert_lifetime_s is None else {"cert_lifetime_s": cert_lifetime_s}
     settings = OverlaySettings(
-        listen=f"0.0.0.0:{udp}",
-        advertise=f"127.0.0.1:{udp}",
+        listen=f"{host or '0.0.0.0'}:{udp}",
+        advertise=f"{host or '127.0.0.1'}:{udp}",
         network=network,
         data_dir=tmp_path / "overlay",
         **extra,  # type: ignore[arg-type]
