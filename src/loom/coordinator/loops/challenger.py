@@ -132,12 +132,18 @@ async def challenger_step(
             _decide(challenger, dev, nodes[dev.node_id], hist.get(dev.id), now, dt, rng, plans)
     if plans:
         plans = await _claim_plans(challenger, plans, now)
+    waiting: list[str] = []  # verifying and not challenged now: promoted if their CPU passed
     for node_id, node in nodes.items():
         async with isolated("challenger", node_id):
             if node_id in plans:
                 challenger.schedule(node_id, plans[node_id])
             elif node.state == NodeState.VERIFYING.value:
-                await challenger.promote(node_id)
+                waiting.append(node_id)
+    if waiting:
+        # One transaction for all of them (a read per chunk), not one per node each step:
+        # a fleet of nodes stuck in `verifying` cost a session per node per tick.
+        async with isolated("challenger", "promote"):
+            await challenger.promote_many(waiting)
     return plans
 
 
