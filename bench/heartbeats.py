@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python bench/heartbeats.py [--agents 1000 10000] [--rate 5000] [--duration 20]
      [--warmup 5] [--db sqlite|postgresql://postgres@127.0.0.1:5432/test] [--profile DIR]
-     [--compare REV [--repeat K]] [--replicas K [--bus nats://127.0.0.1:4222]] [--record]
+     [--compare REV [--repeat K] [--base-without-uvloop]]
+     [--replicas K [--bus nats://127.0.0.1:4222]] [--record]
 
 For each N in --agents: start a fresh coordinator (`python -m loom coordinator serve`, its own
 temporary LOOM_HOME; SQLite in that directory, or a fresh PostgreSQL schema made and dropped
@@ -264,6 +265,17 @@ class Code:
 
     label: str
     root: Path = REPO
+    #: Run it with uvloop not importable (``--base-without-uvloop``): uvicorn's "auto" loop
+    #: then falls back to asyncio's, as before uvloop was a dependency.
+    hide_uvloop: bool = False
+
+
+def hide_uvloop_dir() -> Path:
+    """A directory whose ``uvloop`` package fails to import, to put first on PYTHONPATH."""
+    where = Path(tempfile.gettempdir()) / "loom-bench-no-uvloop"
+    (where / "uvloop").mkdir(parents=True, exist_ok=True)
+    (where / "uvloop" / "__init__.py").write_text('raise ImportError("hidden by the bench")\n')
+    return where
 
 
 async def run_one(n: int, args: argparse.Namespace, code: Code) -> Result:
@@ -286,6 +298,8 @@ async def run_one(n: int, args: argparse.Namespace, code: Code) -> Result:
     for i, port in enumerate(ports):
         env = {**os.environ, "LOOM_HOME": str(tmp / f"home-{i}")}
         env["PYTHONPATH"] = str(code.root / "src")  # this code, not whatever is installed
+        if code.hide_uvloop:  # as it ran before uvloop was a dependency
+            env["PYTHONPATH"] = f"{hide_uvloop_dir()}{os.pathsep}{env['PYTHONPATH']}"
         cmd = [sys.executable]
         if prof is not None and i == 0:  # with replicas, the first one is profiled
             prof.parent.mkdir(parents=True, exist_ok=True)
@@ -557,6 +571,11 @@ def main() -> None:
     parser.add_argument("--profile", metavar="DIR", help="cProfile the coordinator into DIR")
     parser.add_argument("--compare", metavar="REV", help="also run git revision REV's coordinator")
     parser.add_argument("--repeat", type=int, default=1, help="runs per N (and per code)")
+    parser.add_argument(
+        "--base-without-uvloop",
+        action="store_true",
+        help="run --compare REV's coordinator with uvloop hidden (asyncio's loop, as before)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, DB)")
     parser.add_argument("--verbose", action="store_true", help="print DB samples each second")
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
@@ -571,7 +590,12 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         codes = [Code("current")]
         if args.compare:
-            codes.insert(0, Code(args.compare, stack.enter_context(worktree(args.compare))))
+            base = Code(
+                args.compare + (" (asyncio loop)" if args.base_without_uvloop else ""),
+                stack.enter_context(worktree(args.compare)),
+                hide_uvloop=args.base_without_uvloop,
+            )
+            codes.insert(0, base)
         for n in args.agents:
             runs: dict[str, list[Result]] = {c.label: [] for c in codes}
             for _ in range(args.repeat):
@@ -582,7 +606,7 @@ def main() -> None:
             meds = {label: median_result(rs) for label, rs in runs.items()}
             out += [row(m) for m in meds.values()]
             if args.compare:
-                line = ratios(meds["current"], meds[args.compare])
+                line = ratios(meds["current"], meds[codes[0].label])
                 print(line, flush=True)
                 out.append(f"| {line} |")
     print()

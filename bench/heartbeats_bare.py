@@ -3,20 +3,21 @@
 Run: .venv/bin/python bench/heartbeats_bare.py [--agents 1000] [--rate 5000] [--duration 10]
      [--ws websockets-sansio|websockets|wsproto|raw|all ...] [--loop asyncio|uvloop] [--repeat K]
 
-A bare ASGI app under uvicorn with the coordinator's own server settings (``loom
-coordinator serve``: the same WebSocket implementation, no permessage-deflate, pings every
-20 s) speaks just enough of the agent protocol for the fleet of bench/heartbeats_fleet.py:
-hello with a nonce → auth (read, not checked) → welcome, then a ``heartbeat_ack`` per
-heartbeat (parsed with ``json``). No database, no signatures, no buffer, no loops. Its CPU
-per beat is what uvicorn, the websockets library, asyncio and the kernel cost per beat on
-this machine; the coordinator's figure minus this one is the application's own cost.
+A bare ASGI app under uvicorn with the coordinator's own server settings
+(``loom.coordinator.server``: the same WebSocket implementation and event loop, no
+permessage-deflate, pings every 20 s) speaks just enough of the agent protocol for the
+fleet of bench/heartbeats_fleet.py: hello with a nonce → auth (read, not checked) →
+welcome, then a ``heartbeat_ack`` per heartbeat (parsed with ``json``). No database, no
+signatures, no buffer, no loops. Its CPU per beat is what uvicorn, the websockets library,
+the event loop and the kernel cost per beat on this machine; the coordinator's figure minus
+this one is the application's own cost.
 
 ``--ws`` picks the server stack: one of uvicorn's WebSocket implementations
 (``websockets-sansio``, uvicorn's default and the coordinator's; ``websockets``, its
 legacy-protocol one; ``wsproto``) or ``raw``, a bare ``websockets.asyncio.server`` with no
 ASGI at all (for comparison: the coordinator cannot run on it). ``--ws all`` runs each in
 turn, alternating, ``--repeat`` times, and prints each one's median µs/beat. ``--loop``
-picks the event loop (``uvloop`` needs the package).
+picks the event loop (default: the coordinator's, uvloop where installed).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from typing import Any
 
 from heartbeats import cpu_seconds, free_port, raise_nofile
 from heartbeats_fleet import Agent, Beater, Stats, handshake, pct, receive
+from loom.coordinator.server import loop_name, uvicorn_options
 from loom.protocol.identity import KeyPair, binding_message
+from loom.protocol.messages import MAX_FRAME_BYTES
 
 Scope = dict[str, Any]
 
@@ -89,7 +92,7 @@ async def serve_raw(port: int) -> None:
         "127.0.0.1",
         port,
         compression=None,
-        max_size=1 << 20,
+        max_size=MAX_FRAME_BYTES,
         ping_interval=20,
         ping_timeout=20,
     ) as server:
@@ -107,19 +110,8 @@ def serve(port: int, ws: str, loop: str) -> None:
         return
     import uvicorn
 
-    uvicorn.run(
-        bare_app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        ws=ws,  # type: ignore[arg-type]
-        loop=loop,  # type: ignore[arg-type]
-        ws_max_size=1 << 20,
-        ws_per_message_deflate=False,
-        ws_ping_interval=20,
-        ws_ping_timeout=20,
-        access_log=False,
-    )
+    options = {**uvicorn_options(), "ws": ws, "loop": loop}  # the coordinator's but these two
+    uvicorn.run(bare_app, host="127.0.0.1", port=port, log_level="warning", **options)
 
 
 async def run(
@@ -206,7 +198,7 @@ def main() -> None:
         choices=[*STACKS, "all"],
         help="server stack(s): a uvicorn ws implementation, or raw websockets.asyncio.server",
     )
-    parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"])
+    parser.add_argument("--loop", default=loop_name(), choices=["asyncio", "uvloop"])
     parser.add_argument("--repeat", type=int, default=1, help="runs per stack (alternating)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
