@@ -60,7 +60,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +67,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from heartbeats_code import Code, hide_uvloop_dir, worktree
 from heartbeats_fleet import Agent, Beater, Stats, handshake, pct, receive
 from loom.protocol.identity import KeyPair, binding_message
 
@@ -257,25 +257,6 @@ signal.signal(signal.SIGUSR1, dump)
 profile.enable()
 main()
 """
-
-
-@dataclass(frozen=True)
-class Code:
-    """Which coordinator to run: the working tree's, or a git worktree's (``--compare``)."""
-
-    label: str
-    root: Path = REPO
-    #: Run it with uvloop not importable (``--base-without-uvloop``): uvicorn's "auto" loop
-    #: then falls back to asyncio's, as before uvloop was a dependency.
-    hide_uvloop: bool = False
-
-
-def hide_uvloop_dir() -> Path:
-    """A directory whose ``uvloop`` package fails to import, to put first on PYTHONPATH."""
-    where = Path(tempfile.gettempdir()) / "loom-bench-no-uvloop"
-    (where / "uvloop").mkdir(parents=True, exist_ok=True)
-    (where / "uvloop" / "__init__.py").write_text('raise ImportError("hidden by the bench")\n')
-    return where
 
 
 async def run_one(n: int, args: argparse.Namespace, code: Code) -> Result:
@@ -521,25 +502,6 @@ def record(lines_out: list[str], args: argparse.Namespace, argv: str, db: str) -
         "",
     ]
     RESULTS.write_text(text.rstrip("\n") + "\n" + "\n".join(lines))
-
-
-@contextlib.contextmanager
-def worktree(rev: str) -> Iterator[Path]:
-    """A temporary git worktree of ``rev`` (the "before" coordinator of --compare)."""
-    where = Path(tempfile.mkdtemp(prefix="loom-bench-hb-base-"))
-    subprocess.run(
-        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(where), rev],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield where
-    finally:
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(where)],
-            capture_output=True,
-        )
-        shutil.rmtree(where, ignore_errors=True)
 
 
 def report(r: Result) -> None:
