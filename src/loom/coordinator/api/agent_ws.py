@@ -228,7 +228,10 @@ async def _serve(
                 if conn.closed:
                     return
                 beats.record(node_id, wall(), beat.load)
-                await send({"type": "websocket.send", "text": _HEARTBEAT_ACK % beat.seq})
+                try:
+                    await send({"type": "websocket.send", "text": _HEARTBEAT_ACK % beat.seq})
+                except OSError:  # the agent is gone (as Starlette's own send would say)
+                    raise WebSocketDisconnect(1006) from None
                 continue
         received_at, raw = _parse(message, received_at, binary=True)
         if isinstance(raw, bytes):
