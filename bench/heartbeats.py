@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python bench/heartbeats.py [--agents 1000 10000] [--rate 5000] [--duration 20]
      [--warmup 5] [--db sqlite|postgresql://postgres@127.0.0.1:5432/test] [--profile DIR]
-     [--compare REV [--repeat K]] [--replicas K [--bus nats://127.0.0.1:4222]] [--record]
+     [--compare REV [--repeat K] [--base-without-uvloop]]
+     [--replicas K [--bus nats://127.0.0.1:4222]] [--record]
 
 For each N in --agents: start a fresh coordinator (`python -m loom coordinator serve`, its own
 temporary LOOM_HOME; SQLite in that directory, or a fresh PostgreSQL schema made and dropped
@@ -59,7 +60,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from heartbeats_code import Code, hide_uvloop_dir, worktree
 from heartbeats_fleet import Agent, Beater, Stats, handshake, pct, receive
 from loom.protocol.identity import KeyPair, binding_message
 
@@ -258,14 +259,6 @@ main()
 """
 
 
-@dataclass(frozen=True)
-class Code:
-    """Which coordinator to run: the working tree's, or a git worktree's (``--compare``)."""
-
-    label: str
-    root: Path = REPO
-
-
 async def run_one(n: int, args: argparse.Namespace, code: Code) -> Result:
     result = Result(agents=n, rate=args.rate, db="postgresql" if args.db != "sqlite" else "sqlite")
     result.code = code.label
@@ -286,6 +279,8 @@ async def run_one(n: int, args: argparse.Namespace, code: Code) -> Result:
     for i, port in enumerate(ports):
         env = {**os.environ, "LOOM_HOME": str(tmp / f"home-{i}")}
         env["PYTHONPATH"] = str(code.root / "src")  # this code, not whatever is installed
+        if code.hide_uvloop:  # as it ran before uvloop was a dependency
+            env["PYTHONPATH"] = f"{hide_uvloop_dir()}{os.pathsep}{env['PYTHONPATH']}"
         cmd = [sys.executable]
         if prof is not None and i == 0:  # with replicas, the first one is profiled
             prof.parent.mkdir(parents=True, exist_ok=True)
@@ -509,25 +504,6 @@ def record(lines_out: list[str], args: argparse.Namespace, argv: str, db: str) -
     RESULTS.write_text(text.rstrip("\n") + "\n" + "\n".join(lines))
 
 
-@contextlib.contextmanager
-def worktree(rev: str) -> Iterator[Path]:
-    """A temporary git worktree of ``rev`` (the "before" coordinator of --compare)."""
-    where = Path(tempfile.mkdtemp(prefix="loom-bench-hb-base-"))
-    subprocess.run(
-        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(where), rev],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield where
-    finally:
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(where)],
-            capture_output=True,
-        )
-        shutil.rmtree(where, ignore_errors=True)
-
-
 def report(r: Result) -> None:
     print(row(r), flush=True)
     print(f"  {r.db_note}; sent {r.sent_rate:,.0f}/s; closes {r.closed or 'none'}", flush=True)
@@ -557,6 +533,11 @@ def main() -> None:
     parser.add_argument("--profile", metavar="DIR", help="cProfile the coordinator into DIR")
     parser.add_argument("--compare", metavar="REV", help="also run git revision REV's coordinator")
     parser.add_argument("--repeat", type=int, default=1, help="runs per N (and per code)")
+    parser.add_argument(
+        "--base-without-uvloop",
+        action="store_true",
+        help="run --compare REV's coordinator with uvloop hidden (asyncio's loop, as before)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, DB)")
     parser.add_argument("--verbose", action="store_true", help="print DB samples each second")
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
@@ -571,7 +552,12 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         codes = [Code("current")]
         if args.compare:
-            codes.insert(0, Code(args.compare, stack.enter_context(worktree(args.compare))))
+            base = Code(
+                args.compare + (" (asyncio loop)" if args.base_without_uvloop else ""),
+                stack.enter_context(worktree(args.compare)),
+                hide_uvloop=args.base_without_uvloop,
+            )
+            codes.insert(0, base)
         for n in args.agents:
             runs: dict[str, list[Result]] = {c.label: [] for c in codes}
             for _ in range(args.repeat):
@@ -582,7 +568,7 @@ def main() -> None:
             meds = {label: median_result(rs) for label, rs in runs.items()}
             out += [row(m) for m in meds.values()]
             if args.compare:
-                line = ratios(meds["current"], meds[args.compare])
+                line = ratios(meds["current"], meds[codes[0].label])
                 print(line, flush=True)
                 out.append(f"| {line} |")
     print()

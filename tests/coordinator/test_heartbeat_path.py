@@ -74,3 +74,34 @@ async def test_a_malformed_fast_path_beat_closes_with_the_reason(
         closed = getattr(exc, "rcvd", None)
     assert closed is not None and closed.code == CLOSE_BAD_MESSAGE
     assert "seq" in closed.reason
+
+
+async def test_acks_and_commands_sent_at_once_arrive_whole(
+    coordinator: CoordinatorThread,
+) -> None:
+    """Acks skip the connection's send lock: commands sent meanwhile by other tasks still
+    arrive as whole frames, every one of each."""
+    ws, node_id = await _joined(coordinator)
+    conn = coordinator.state.hub.get(node_id)
+    n = 300
+
+    async def commands() -> None:
+        for i in range(n):
+            await conn.post("bench.noop", json.dumps({"i": i}))
+            await asyncio.sleep(0)
+
+    posting = asyncio.run_coroutine_threadsafe(commands(), coordinator.loop)  # type: ignore[arg-type]
+    for seq in range(1, n + 1):
+        await ws.send(Heartbeat(seq=seq).model_dump_json())  # type: ignore[attr-defined]
+    acks: list[int] = []
+    noops: list[int] = []
+    while len(acks) < n or len(noops) < n:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 20))  # type: ignore[attr-defined]
+        if frame["type"] == "heartbeat_ack":
+            acks.append(frame["seq"])
+        elif frame["type"] == "command" and frame["name"] == "bench.noop":
+            noops.append(frame["args"]["i"])
+    posting.result(20)
+    assert acks == list(range(1, n + 1))
+    assert noops == list(range(n))
+    await ws.close()  # type: ignore[attr-defined]

@@ -2,9 +2,10 @@
 
 Malformed, oversized and wrong-typed frames — before the handshake and after it — end in
 a clean close with an application code (4001 auth, 4002 protocol, 4003 bad message; 1009
-for a frame over the size limit; 1000 after a drain), never an internal error (1011);
-the coordinator stays healthy (a fresh agent still gets in), and nothing half-written is
-left (no node from a refused handshake, every stored inventory within physical bounds).
+for a frame over the size limit, or the TCP reset that can overtake that close; 1000
+after a drain), never an internal error (1011); the coordinator stays healthy (a fresh
+agent still gets in), and nothing half-written is left (no node from a refused handshake,
+every stored inventory within physical bounds).
 """
 
 from __future__ import annotations
@@ -158,7 +159,16 @@ def test_garbage_after_the_handshake_closes_cleanly(
             assert json.loads(ws.recv(timeout=5))["type"] == "welcome"
             _send(ws, frame)
             code = _closed_code(ws)
-            assert code is None or code in CLEAN_CLOSES, (code, ws.close_reason, frame[:80])
+            # A frame over the limit is refused from its header, its payload unread: the
+            # server's close (1009) may then be lost to the TCP reset of that unread data
+            # (no deflate on the agent socket, as in production), which the client sees as
+            # 1006. Still refused, nothing written, the coordinator healthy.
+            cut_off = code == 1006 and len(frame) > MAX_FRAME_BYTES
+            assert code is None or code in CLEAN_CLOSES or cut_off, (
+                code,
+                ws.close_reason,
+                frame[:80],
+            )
             outcomes[str(code)] = outcomes.get(str(code), 0) + 1
 
     one()

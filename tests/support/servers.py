@@ -20,8 +20,8 @@ import uvicorn
 from loom.agent.netns import driver_prefix
 from loom.coordinator.app import create_app
 from loom.coordinator.config import Settings
+from loom.coordinator.server import new_event_loop, uvicorn_options
 from loom.coordinator.state import CoordinatorState
-from loom.protocol.messages import MAX_FRAME_BYTES
 
 
 def free_port() -> int:
@@ -42,8 +42,8 @@ class CoordinatorThread:
             host=settings.host,
             port=settings.port,
             log_level="warning",
-            ws_max_size=MAX_FRAME_BYTES,
             lifespan="on",
+            **uvicorn_options(),  # what `loom coordinator serve` runs
         )
         self.server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -54,7 +54,7 @@ class CoordinatorThread:
         return f"http://{self.settings.host}:{self.settings.port}"
 
     def _run(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()  # uvloop where installed, as in production
         asyncio.set_event_loop(self.loop)
         self.loop.run_until_complete(self.server.serve())
         self.loop.close()

@@ -25,8 +25,8 @@ from loom.coordinator.replicas.link import (
     NatsLink,
     redact,
 )
+from loom.coordinator.server import uvicorn_options
 from loom.protocol.keystore import loom_home
-from loom.protocol.messages import MAX_FRAME_BYTES
 
 #: A NATS subject token (loom.replica.<id>.cmd): no dots, spaces or wildcards.
 _REPLICA_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -170,16 +170,7 @@ def serve(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level=log_level.lower(),
-        ws_max_size=MAX_FRAME_BYTES,
-        # Control frames are ~100 bytes: deflate costs CPU and saves nothing.
-        ws_per_message_deflate=False,
-        ws_ping_interval=20,
-        ws_ping_timeout=20,
-        access_log=False,
+        create_app(settings), host=host, port=port, log_level=log_level.lower(), **uvicorn_options()
     )
 
 

@@ -16,7 +16,8 @@ import time
 
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
-from starlette.types import Message
+from starlette.routing import WebSocketRoute
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from loom.coordinator import tunnel
@@ -114,14 +115,25 @@ def _describe(exc: ValidationError) -> str:
     return f"bad message: {where}: {err.get('msg', 'invalid')}"
 
 
-@router.websocket("/v1/agent/ws")
-async def agent_ws(ws: WebSocket) -> None:
+class _AgentSocket:
+    """The route's endpoint, a plain ASGI app: the handshake and everything rare go through
+    Starlette's `WebSocket`, the heartbeat loop through the ASGI ``receive``/``send`` that
+    socket is built on (one wrapper less per frame each way, for 5,000+ beats/s)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await agent_ws(WebSocket(scope, receive, send), receive, send)
+
+
+router.routes.append(WebSocketRoute("/v1/agent/ws", _AgentSocket(), name="agent_ws"))
+
+
+async def agent_ws(ws: WebSocket, receive: Receive, send: Send) -> None:
     state = get_state(ws)  # type: ignore[arg-type]
     await ws.accept()
     conn: AgentConnection | None = None
     try:
         conn = await _handshake(state, ws)
-        await _serve(state, ws, conn)
+        await _serve(state, ws, conn, receive, send)
     except _Refuse as exc:
         await _close(ws, exc.code, exc.reason)
     except HandshakeError as exc:
@@ -190,13 +202,22 @@ _HEARTBEAT_PREFIX = '{"type":"heartbeat",'
 _HEARTBEAT_ACK = '{"type":"heartbeat_ack","seq":%d}'
 
 
-async def _serve(state: CoordinatorState, ws: WebSocket, conn: AgentConnection) -> None:
+async def _serve(
+    state: CoordinatorState, ws: WebSocket, conn: AgentConnection, receive: Receive, send: Send
+) -> None:
+    """The agent's messages after the handshake, until it leaves or is refused.
+
+    ``receive``/``send`` are the socket's own ASGI channel: a heartbeat is read and acked
+    on it directly. Its ack skips the connection's send lock, which only orders whole
+    frames: the server writes each frame at once, whoever sends it.
+    """
     hub = state.hub
     beats = hub.heartbeats
     node_id = conn.node_id
+    monotonic, wall = time.monotonic, time.time
     while True:
-        message = await ws.receive()
-        received_at = time.monotonic()
+        message = await receive()
+        received_at = monotonic()
         text = message.get("text")
         if text is not None and text.startswith(_HEARTBEAT_PREFIX) and len(text) < 4096:
             try:
@@ -206,8 +227,11 @@ async def _serve(state: CoordinatorState, ws: WebSocket, conn: AgentConnection) 
             else:
                 if conn.closed:
                     return
-                beats.record(node_id, time.time(), beat.load)
-                await conn.send_text(_HEARTBEAT_ACK % beat.seq)
+                beats.record(node_id, wall(), beat.load)
+                try:
+                    await send({"type": "websocket.send", "text": _HEARTBEAT_ACK % beat.seq})
+                except OSError:  # the agent is gone (as Starlette's own send would say)
+                    raise WebSocketDisconnect(1006) from None
                 continue
         received_at, raw = _parse(message, received_at, binary=True)
         if isinstance(raw, bytes):

@@ -132,12 +132,24 @@ async def challenger_step(
             _decide(challenger, dev, nodes[dev.node_id], hist.get(dev.id), now, dt, rng, plans)
     if plans:
         plans = await _claim_plans(challenger, plans, now)
+    # Verifying nodes whose CPU has passed (read just now) become available: usually none,
+    # so a fleet stuck in `verifying` costs no read of its own (it used to be a session and
+    # two reads per node every tick); promote_many re-checks both in its transaction.
+    passed = {
+        d.node_id
+        for d in devices
+        if d.id == vsvc.cpu_device_id(d.node_id) and d.state == DeviceState.VERIFIED.value
+    }
+    waiting: list[str] = []
     for node_id, node in nodes.items():
         async with isolated("challenger", node_id):
             if node_id in plans:
                 challenger.schedule(node_id, plans[node_id])
-            elif node.state == NodeState.VERIFYING.value:
-                await challenger.promote(node_id)
+            elif node.state == NodeState.VERIFYING.value and node_id in passed:
+                waiting.append(node_id)
+    if waiting:
+        async with isolated("challenger", "promote"):
+            await challenger.promote_many(waiting)
     return plans
 
 

@@ -20,7 +20,7 @@ from loom.coordinator.replicas import sessions
 from loom.protocol.messages import Load
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     at: float
     count: int
