@@ -434,3 +434,17 @@ def test_the_lighthouse_dies_with_a_sigkilled_coordinator(tmp_path: Path) -> Non
     if alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive, "the lighthouse outlived its coordinator"
+
+
+async def test_concurrent_lighthouse_reloads_each_take_effect(tmp_path: Path) -> None:
+    """The revoking request and the replica's 2 s check may reload at the same moment:
+    each rewrite + SIGHUP waits for the other (they once raced on the config's temp file)."""
+    lighthouse = Lighthouse(Authority(_settings(tmp_path)))
+    await lighthouse.start()
+    try:
+        lists = [["ab" * 32], ["cd" * 32], ["ef" * 32], []]
+        done = await asyncio.gather(*(lighthouse.reload(b) for b in lists))
+        assert all(done), lighthouse.log_tail()
+        assert json.loads(lighthouse.config_path.read_text())["pki"]["blocklist"] == []
+    finally:
+        await lighthouse.stop()

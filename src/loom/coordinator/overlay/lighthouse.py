@@ -100,6 +100,9 @@ class Lighthouse:
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self._stopping = False
+        #: One rewrite + SIGHUP at a time (the revoking request and the replica's check
+        #: may both reload; each waits for its own confirmation in the log).
+        self._reload_lock = asyncio.Lock()
 
     def _write_config(self) -> None:
         crt, key = self.authority.lighthouse_files(self.slot)
@@ -115,22 +118,23 @@ class Lighthouse:
         """Rewrite the config (with ``blocklist``, the network's whole list, if given) and
         SIGHUP; whether Nebula took it. A lighthouse that is (re)starting reads the new
         config when it comes up."""
-        if blocklist is not None:
-            self.blocklist = list(blocklist)
-        await asyncio.to_thread(self._write_config)
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
+        async with self._reload_lock:
+            if blocklist is not None:
+                self.blocklist = list(blocklist)
+            await asyncio.to_thread(self._write_config)
+            proc = self.proc
+            if proc is None or proc.returncode is not None:
+                return False
+            size = self.log_path.stat().st_size if self.log_path.exists() else 0
+            proc.send_signal(signal.SIGHUP)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while loop.time() < deadline:
+                if _CA_RELOADED in await asyncio.to_thread(self._log_since, size):
+                    return True
+                await asyncio.sleep(0.05)
+            log.warning("the lighthouse did not confirm the reload: %s", self.log_tail(3))
             return False
-        size = self.log_path.stat().st_size if self.log_path.exists() else 0
-        proc.send_signal(signal.SIGHUP)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            if _CA_RELOADED in await asyncio.to_thread(self._log_since, size):
-                return True
-            await asyncio.sleep(0.05)
-        log.warning("the lighthouse did not confirm the blocklist reload: %s", self.log_tail(3))
-        return False
 
     def _log_since(self, offset: int) -> bytes:
         try:
