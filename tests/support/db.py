@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -48,3 +48,19 @@ def isolated_db(tmp_path: Path) -> Iterator[str]:
         yield f"{base}{sep}schema={schema}"
     finally:
         asyncio.run(_pg(base, f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+@asynccontextmanager
+async def isolated_db_async(tmp_path: Path) -> AsyncIterator[str]:
+    """:func:`isolated_db` for a test already inside an event loop."""
+    if not is_postgres():
+        yield f"sqlite:///{tmp_path / 'loom.db'}"
+        return
+    base = backend()
+    schema = f"t_{secrets.token_hex(6)}"
+    await _pg(base, f'CREATE SCHEMA "{schema}"')
+    try:
+        sep = "&" if "?" in base else "?"
+        yield f"{base}{sep}schema={schema}"
+    finally:
+        await _pg(base, f'DROP SCHEMA "{schema}" CASCADE')

@@ -13,7 +13,7 @@ from loom.coordinator.db.engine import create_engine, migrate, session_factory
 from loom.coordinator.overlay.authority import Authority, OverlaySettings
 from loom.coordinator.overlay.book import Book
 from loom.coordinator.overlay.lighthouse import Lighthouse
-from support.db import isolated_db
+from support.db import isolated_db_async
 from support.servers import free_port
 
 
@@ -44,7 +44,7 @@ async def standalone_overlay(
         data_dir=tmp_path / "overlay",
         **extra,  # type: ignore[arg-type]
     )
-    with isolated_db(tmp_path) as url:
+    async with isolated_db_async(tmp_path) as url:
         engine = create_engine(url)
         await migrate(engine)
         try:
